@@ -1,0 +1,73 @@
+"""Builds torch_bn_manual._C: the C++ (CPU) kernels always, CUDA ones when possible.
+
+TORCH_BN_MANUAL_CUDA=1 forces the CUDA build, =0 forbids it; by default CUDA is
+built when torch was built with CUDA and a toolkit (CUDA_HOME) is found.
+TORCH_CUDA_ARCH_LIST is respected; without it we build sm_80 and sm_90.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def build_cuda() -> bool:
+    forced = os.environ.get("TORCH_BN_MANUAL_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def cpu_flags() -> list:
+    """Vector width for at::vec: AVX2+FMA when this compiler machine has them.
+
+    at::vec picks its implementation from CPU_CAPABILITY_* macros; without one
+    it falls back to scalar loops. The build machine is the machine that runs
+    the code here (pip install -e . on each machine), so we match its CPU.
+    """
+    flags = ["-O3", "-std=c++17"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpuinfo = f.read()
+    except OSError:
+        cpuinfo = ""
+    if os.environ.get("TORCH_BN_MANUAL_NO_AVX2") != "1" and " avx2" in cpuinfo and " fma" in cpuinfo:
+        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return flags
+
+
+def extension():
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if build_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        return CUDAExtension(
+            "torch_bn_manual._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=[("TORCH_BN_MANUAL_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    return CppExtension(
+        "torch_bn_manual._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cpu_flags()},
+    )
+
+
+setup(
+    name="torch_bn_manual",
+    version="0.1.0",
+    description="Batch normalization for PyTorch with forward and backward written by hand",
+    packages=find_packages(include=["torch_bn_manual", "torch_bn_manual.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+)
