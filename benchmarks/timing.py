@@ -1,0 +1,53 @@
+"""How a callable is timed, and which operators it really runs."""
+from __future__ import annotations
+
+import torch
+import torch.utils.benchmark as benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+
+try:  # CUDA event timing with an L2 flush between calls, when Triton is installed
+    from triton.testing import do_bench
+except Exception:  # ImportError, or a Triton that cannot load on this machine
+    do_bench = None
+
+
+def cuda_timer_name() -> str:
+    return "triton.testing.do_bench (CUDA events)" if do_bench else "torch.utils.benchmark (synchronized wall clock)"
+
+
+def median_seconds(fn, device: str, min_run_time: float, threads: int) -> float:
+    """Median time of one call of `fn`, in seconds.
+
+    CPU: torch.utils.benchmark blocked_autorange with `threads` intra-op threads
+    (Timer's default is 1 thread, so the count is always passed).
+    CUDA: triton's do_bench (device events) when importable, else the same
+    Timer, which synchronizes the device around each timed block.
+    """
+    fn()  # warm-up: first-call allocations, lazy initialization
+    if device == "cuda":
+        torch.cuda.synchronize()
+        if do_bench is not None:
+            rep_ms = max(1, int(min_run_time * 1000))
+            try:
+                return do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") / 1e3
+            except TypeError:  # older Triton: no return_mode
+                return do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, quantiles=[0.5]) / 1e3
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def ops_called(fn) -> set:
+    """Names of the operators (aten::..., torch_bn_manual::...) that one call of `fn` dispatches, backward included."""
+    with _OpRecorder() as recorder:
+        fn()
+    return recorder.names
