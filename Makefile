@@ -16,7 +16,7 @@ demo: $(BUILT)
 	$(PY) -m torch_bn_manual.demo
 
 test: $(BUILT)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench.py

@@ -27,8 +27,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 # Only what is missing: on a machine without a registry everything is already there.
 missing=()
-for pkg in numpy pytest setuptools ninja; do
-    "$VENV/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$pkg")
+for pkg in numpy pytest xdist setuptools ninja; do
+    "$VENV/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$([ "$pkg" = xdist ] && echo pytest-xdist || echo "$pkg")")
 done
 "$VENV/bin/python" -c "import sklearn" 2>/dev/null || missing+=("scikit-learn")
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,28 @@
+"""torch_bn_manual: batch normalization with forward and backward written by hand.
+
+    import torch_bn_manual as bnm
+    bn = bnm.BatchNorm2d(64)                      # drop-in for nn.BatchNorm2d
+    y = bnm.batch_norm(x, rm, rv, w, b, True)     # drop-in for F.batch_norm
+    model = bnm.convert_batchnorm(model)          # swap every nn.BatchNorm*d
+    bnm.available_backends()                      # ["python", "cpp"] when built
+
+See docs/derivation.md for the math and docs/architecture.md for the layers.
+"""
+from . import reference
+from .backends import available_backends
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "convert_batchnorm",
+    "convert_sync_batchnorm",
+    "available_backends",
+    "reference",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Which implementation runs: the backend registry.
+
+"python" is always there (torch ops, `_python.py`). "cpp" is the compiled
+extension (`ops.py` over torch_bn_manual._C): C++ kernels for CPU tensors and,
+in a CUDA build, CUDA kernels for GPU tensors. "auto" picks the compiled one
+wherever it has a kernel for the tensor's device, python otherwise.
+"""
+import warnings
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+from . import _python
+
+try:
+    from . import ops as _compiled
+    _COMPILED_ERROR: Optional[BaseException] = None
+except ImportError as error:  # the extension was not built
+    _compiled = None
+    _COMPILED_ERROR = error
+
+BACKENDS = ("auto", "python", "cpp")
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make test`) in the project root"
+_warned_fallback = False
+
+
+def compiled_available() -> bool:
+    """True when torch_bn_manual._C loaded and registered its ops."""
+    return _compiled is not None
+
+
+def _compiled_has_device(device: torch.device) -> bool:
+    """Whether the compiled ops have kernels for this device type (CUDA is optional)."""
+    if _compiled is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "torch_bn_manual::batch_norm_train_forward", key)
+
+
+def available_backends() -> List[str]:
+    """The backends that can run here, e.g. ["python", "cpp"]."""
+    return ["python", "cpp"] if compiled_available() else ["python"]
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, but got {backend!r}")
+
+
+def get_backend(backend: str, device) -> ModuleType:
+    """The module implementing the backend interface (docs/architecture.md) for `device`."""
+    global _warned_fallback
+    check_backend_name(backend)
+    if backend == "python":
+        return _python
+    if backend == "cpp":
+        if _compiled is None:
+            raise RuntimeError(f"torch_bn_manual: the compiled backend is not available "
+                               f"({_COMPILED_ERROR}); {_BUILD_HINT}")
+        if not _compiled_has_device(device):
+            raise RuntimeError(f"torch_bn_manual: the compiled backend has no kernels for device "
+                               f"'{torch.device(device).type}' in this build")
+        return _compiled
+    if _compiled_has_device(device):
+        return _compiled
+    if _compiled is None and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"torch_bn_manual: the compiled extension is not built, backend='auto' uses the "
+                      f"python backend (slower); {_BUILD_HINT}", RuntimeWarning, stacklevel=3)
+    return _python
