@@ -109,7 +109,7 @@ def _num(v):
 
 
 def _ratio(v):
-    return "—" if v is None else f"{v:.2f}"
+    return "—" if v is None else f"{v:.2f}" if v >= 0.1 else f"{v:.2g}"
 
 
 def format_row(row: Row, names) -> str:
