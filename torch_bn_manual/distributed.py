@@ -50,12 +50,13 @@ def _all_gather_stacked(local: Tensor, group, world_size: int) -> Tensor:
     # The concatenated form (world * rows, ...) is the one every backend takes.
     gathered = local.new_empty((world_size * local.size(0),) + tuple(local.shape[1:]))
     gather_single = getattr(dist, "all_gather_single", None)  # torch >= 2.13
-    if gather_single is not None:
-        gather_single(gathered, local, group)
-    elif dist.get_backend(group) != "gloo":
-        dist.all_gather_into_tensor(gathered, local, group)
-    else:  # older gloo has no single-tensor all_gather
+    if dist.get_backend(group) == "gloo" and (local.device.type != "cpu" or gather_single is None):
+        # gloo's list form takes CUDA tensors too; its single-tensor form is recent and CPU-tested.
         dist.all_gather(list(gathered.chunk(world_size)), local, group)
+    elif gather_single is not None:
+        gather_single(gathered, local, group)
+    else:
+        dist.all_gather_into_tensor(gathered, local, group)
     return gathered.view((world_size,) + tuple(local.shape))
 
 
