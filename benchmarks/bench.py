@@ -28,7 +28,7 @@ sys.path.append(os.path.dirname(HERE))  # the repo, when the package is not inst
 import cases as C  # noqa: E402
 import report  # noqa: E402
 from report import Row  # noqa: E402
-from timing import cuda_timer_name, median_seconds, ops_called  # noqa: E402
+from timing import cuda_timer_name, measure, ops_called  # noqa: E402
 
 try:
     import torch_bn_manual as bnm
@@ -129,7 +129,7 @@ def copy_gbps(case, device, min_run_time, threads) -> float:
     if key not in _copy_gbps:
         src = torch.randn(case.numel, device=device).to(getattr(torch, case.dtype))
         dst = torch.empty_like(src)
-        t = median_seconds(lambda: dst.copy_(src), device, min_run_time, threads)
+        t, _ = measure(lambda: dst.copy_(src), device, min_run_time, threads)
         _copy_gbps[key] = C.copy_bytes(case) / t / 1e9
     return _copy_gbps[key]
 
@@ -141,17 +141,17 @@ def run_case(case, impls, device="cpu", min_run_time=0.5, threads=None) -> Row:
     x = torch.randn(case.shape, device=device).to(getattr(torch, case.dtype)).contiguous(memory_format=fmt)
     dy = torch.randn_like(x)
     x.requires_grad_(True)
-    seconds, notes = {}, {}
+    seconds, spread, notes = {}, {}, {}
     for impl in impls:
         try:
             step = make_step(impl.module(case.shape, device), x, dy, case.mode)
             with cudnn_enabled(impl.cudnn):
                 notes[impl.name] = check_ran(impl, ops_called(step))
-                seconds[impl.name] = median_seconds(step, device, min_run_time, threads)
+                seconds[impl.name], spread[impl.name] = measure(step, device, min_run_time, threads)
         except Exception as e:  # shown in the table as 'err', explained under it
             seconds[impl.name], notes[impl.name] = None, f"error: {type(e).__name__}: {e}"
     baselines = tuple(i.name for i in impls if i.backend is None)
-    return Row(case, seconds, baselines, copy_gbps(case, device, min_run_time, threads), notes)
+    return Row(case, seconds, baselines, copy_gbps(case, device, min_run_time, threads), notes, spread)
 
 
 # ---------------------------------------------------------------- command line

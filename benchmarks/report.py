@@ -17,6 +17,7 @@ from cases import MODES, Case, min_bytes
 # The targets the summary is read against: nn / ours, for the compiled backend.
 # (mode, dtype or None for every dtype) -> (lowest median, lowest single case or None)
 TARGETS = {("fwd+bwd", "float32"): (1.5, 1.0), ("eval", None): (1.0, None)}
+NOISY = 0.1  # a timing whose interquartile range exceeds this fraction of its median is marked ~
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Row:
     baselines: tuple  # the columns that are torch.nn
     copy_gbps: float  # same-size dst.copy_(src), this run
     notes: dict = field(default_factory=dict)  # column name -> remark (cuDNN declined, error)
+    spread: dict = field(default_factory=dict)  # column name -> interquartile range / median
 
     def nn_seconds(self):
         """The faster torch.nn time (cuDNN or native on CUDA; the only one on CPU)."""
@@ -119,6 +121,7 @@ def format_row(row: Row, names) -> str:
     for n in names:
         t = row.seconds.get(n)
         mark = "†" if row.notes.get(n, "").startswith("cuDNN declined") else ""
+        mark += "~" if row.spread.get(n, 0) > NOISY else ""
         cells.append("err" if row.notes.get(n, "").startswith("error") else _num(t and t * 1e3) + mark)
     cells += [_ratio(row.ratio(o)) for o in ours]
     cells.append(_num(row.copy_gbps))
@@ -135,6 +138,8 @@ def table_head(names, baselines) -> str:
 
 def footnotes(rows) -> str:
     lines = []
+    if any(v > NOISY for r in rows for v in r.spread.values()):
+        lines.append(f"~ noisy: the interquartile range of the timings exceeds {NOISY:.0%} of their median.")
     if any(n.startswith("cuDNN declined") for r in rows for n in r.notes.values()):
         lines.append("† cuDNN was on but torch.nn ran its native kernels for this case.")
     for r in rows:

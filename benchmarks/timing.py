@@ -15,8 +15,8 @@ def cuda_timer_name() -> str:
     return "triton.testing.do_bench (CUDA events)" if do_bench else "torch.utils.benchmark (synchronized wall clock)"
 
 
-def median_seconds(fn, device: str, min_run_time: float, threads: int) -> float:
-    """Median time of one call of `fn`, in seconds.
+def measure(fn, device: str, min_run_time: float, threads: int):
+    """(median seconds of one call of `fn`, interquartile range / median).
 
     CPU: torch.utils.benchmark blocked_autorange with `threads` intra-op threads
     (Timer's default is 1 thread, so the count is always passed).
@@ -28,12 +28,11 @@ def median_seconds(fn, device: str, min_run_time: float, threads: int) -> float:
         torch.cuda.synchronize()
         if do_bench is not None:
             rep_ms = max(1, int(min_run_time * 1000))
-            try:
-                return do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, return_mode="median") / 1e3
-            except TypeError:  # older Triton: no return_mode
-                return do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, quantiles=[0.5]) / 1e3
+            q1, median, q3 = do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+            return median / 1e3, (q3 - q1) / median
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return m.median, m.iqr / m.median
 
 
 class _OpRecorder(TorchDispatchMode):
