@@ -131,7 +131,10 @@ def main() -> int:
         print(f"held-out accuracy (eval mode, running statistics): {accuracy:.3f}")
         print("OK: parameters and running statistics are identical on every rank" if ok
               else "FAILED: ranks disagree", flush=True)
-    dist.barrier()  # nobody tears the group down while rank 0 still evaluates
+    # Tear down in order: DDP (its reducer holds the group) first, then, once
+    # rank 0 has finished evaluating, the group itself.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
 
