@@ -4,12 +4,14 @@ import re
 import torch_bn_manual as bnm
 from torch_bn_manual import demo
 
+NUMBER = r"([0-9.]+e[-+]\d+|0)"
+
 
 def loss_difference_rows(output):
-    """{run label: largest per-step loss difference over the run} from the demo's table."""
-    section = output.split("largest per-step |loss - loss of nn|", 1)[1].split("\n\n", 1)[0]
-    rows = re.findall(r"^\s+(\S.*?)\s+([0-9.]+e[-+]\d+)\s+([0-9.]+e[-+]\d+)\s+(\d+)$", section, re.M)
-    return {label: float(whole_run) for label, _first, whole_run, _step in rows}
+    """{label: (lockstep loss, lockstep grads, free epoch 1, free run)} for ours, from the demo's table."""
+    table = output.split("largest difference from nn per step", 1)[1].split("\n\n", 1)[0]
+    pattern = rf"^\s+(ours-\w+)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+\d+$"
+    return {m[0]: tuple(float(v) for v in m[1:]) for m in re.findall(pattern, table, re.M)}
 
 
 def test_demo_quick(capsys):
@@ -19,14 +21,14 @@ def test_demo_quick(capsys):
     assert failures == 0, output
     for heading in ("1. Training", "2. Parity", "3. Hard input", "every error within tolerance"):
         assert heading in output
-    for header in ("loss nn", "acc nn", "step ms", "BN layer us", "dweight", "y ours~f64"):
+    for header in ("loss nn", "acc nn", "lockstep loss", "step ms", "BN layer us", "dweight", "y ours~f64"):
         assert header in output
 
     backends = bnm.available_backends()
+    differences = loss_difference_rows(output)
     for backend in backends:
         assert f"loss ours-{backend}" in output
         assert len(re.findall(rf"^\s+{backend}\s+cpu\s+(float64|float32|bfloat16|float16)\s", output, re.M)) == 4
-
-    differences = loss_difference_rows(output)
-    for backend in backends:
-        assert differences[f"ours-{backend}"] < 1e-3, differences
+        lockstep_loss, lockstep_grads, _, free_run = differences[f"ours-{backend}"]
+        assert lockstep_loss < 1e-5 and lockstep_grads < 1e-4, differences
+        assert free_run < 1e-3, differences

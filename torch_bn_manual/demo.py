@@ -73,6 +73,12 @@ def print_table(headers, rows, indent="  "):
     sys.stdout.flush()
 
 
+def relative_error(value, reference):
+    """max|value - reference| / max|reference|."""
+    scale = reference.abs().max().item()
+    return (value - reference).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
@@ -155,10 +161,13 @@ def batches(n, generator):
         yield order[start : start + BATCH]
 
 
-def train_step(model, optimizer, x, y):
+def train_step(model, optimizer, x, y, check=None):
+    """One SGD step; check(model, x, y, loss) sees the gradients before the update."""
     optimizer.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
+    if check is not None:
+        check(model, x, y, loss.item())
     optimizer.step()
     return loss.item()
 
@@ -169,7 +178,7 @@ def accuracy(model, x, y):
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(label, model, data, epochs, seed):
+def train(label, model, data, epochs, seed, check=None):
     x_train, y_train, x_test, y_test = data
     optimizer = make_optimizer(model)
     order = torch.Generator().manual_seed(seed)  # the same batches for every run
@@ -178,7 +187,7 @@ def train(label, model, data, epochs, seed):
     for _ in range(epochs):
         model.train()
         start = time.perf_counter()
-        losses = [train_step(model, optimizer, x_train[idx], y_train[idx]) for idx in batches(len(x_train), order)]
+        losses = [train_step(model, optimizer, x_train[i], y_train[i], check) for i in batches(len(x_train), order)]
         run.seconds += time.perf_counter() - start
         run.step_losses += losses
         run.epoch_losses.append(sum(losses) / len(losses))
@@ -186,6 +195,40 @@ def train(label, model, data, epochs, seed):
         print(".", end="", flush=True)
     print(f" {len(run.step_losses)} steps in {run.seconds:.1f} s, test accuracy {run.epoch_accs[-1]:.2%}", flush=True)
     return run
+
+
+class Lockstep:
+    """At every step of an nn run, each of ours from nn's weights and running stats, on the same batch.
+
+    Records the largest loss difference and the largest relative gradient difference
+    (max|g - g_nn| / max|g_nn| per parameter): what batch norm changes in a single step,
+    before SGD has had a chance to amplify it.
+    """
+
+    def __init__(self, models):
+        self.models = {label: copy.deepcopy(model).train() for label, model in models.items()}
+        self.loss = dict.fromkeys(self.models, 0.0)
+        self.grad = dict.fromkeys(self.models, 0.0)
+
+    def __call__(self, reference, x, y, reference_loss):
+        for label, model in self.models.items():
+            model.load_state_dict(reference.state_dict())
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            self.loss[label] = max(self.loss[label], abs(loss.item() - reference_loss))
+            for ours, theirs in zip(model.parameters(), reference.parameters()):
+                self.grad[label] = max(self.grad[label], relative_error(ours.grad.double(), theirs.grad.double()))
+
+
+def warm_up(models, data, steps=2):
+    """A few steps on throwaway copies, so that first-call costs land in no measurement."""
+    x, y = data[0][:BATCH], data[1][:BATCH]
+    for model in models.values():
+        model = copy.deepcopy(model)
+        optimizer = make_optimizer(model)
+        for _ in range(steps):
+            train_step(model, optimizer, x, y)
 
 
 def interleaved_median(calls, repeats, warmup=3):
@@ -227,10 +270,11 @@ def time_bn_layers(backends, repeats, shape=BN_TIMING_SHAPE):
     return interleaved_median({label: lambda l=layer: call(l) for label, layer in layers.items()}, repeats)
 
 
-def loss_differences(reference, run, steps_per_epoch):
+def loss_differences(reference, run):
     """(largest |loss - loss_reference| in the first epoch, over the run, the step where it is)."""
     diffs = [abs(a - b) for a, b in zip(run.step_losses, reference.step_losses)]
     step = max(range(len(diffs)), key=diffs.__getitem__)
+    steps_per_epoch = len(diffs) // len(run.epoch_losses)
     return max(diffs[:steps_per_epoch]), diffs[step], step + 1
 
 
@@ -245,20 +289,23 @@ def print_epochs(runs):
     print_table(headers, rows)
 
 
-def print_loss_differences(runs, baseline):
-    """runs[0] is nn; baseline is nn from weights one ulp away, for scale."""
-    steps_per_epoch = len(runs[0].step_losses) // len(runs[0].epoch_losses)
+def print_loss_differences(runs, baseline, lockstep):
+    """runs[0] is nn; baseline is nn started one ulp away, for scale; lockstep holds the per-step differences."""
     rows = []
     for run in runs[1:] + [baseline]:
-        first, largest, step = loss_differences(runs[0], run, steps_per_epoch)
-        rows.append([run.label, f"{first:.1e}", f"{largest:.1e}", step])
-    print(f"\n  largest per-step |loss - loss of nn| (float32), first epoch and whole run of {len(runs[0].step_losses)} steps")
-    print_table(["run", "first epoch", "whole run", "at step"], rows)
-    print(f"  ({baseline.label}: nn itself from initial weights one float32 step away; SGD amplifies any rounding")
-    print("   difference this way, so the later epochs measure chaos, the first one batch norm)")
+        first, largest, step = loss_differences(runs[0], run)
+        label = run.label
+        locked = [fmt_err(lockstep.loss[label]), fmt_err(lockstep.grad[label])] if label in lockstep.loss else ["-", "-"]
+        rows.append([label] + locked + [fmt_err(first), fmt_err(largest), step])
+    print(f"\n  largest difference from nn per step, float32, {len(runs[0].step_losses)} steps")
+    print_table(["run", "lockstep loss", "lockstep grads", "free epoch 1", "free run", "at step"], rows)
+    print("  lockstep: replaying nn's run, every step of ours starts from nn's weights: |loss - loss_nn| and")
+    print("            max|grad - grad_nn| / max|grad_nn| over the parameters; what batch norm alone changes")
+    print("  free:     |loss - loss_nn| in the runs above, where SGD amplifies any rounding difference step by")
+    print(f"            step, as {baseline.label} (nn itself, initial weights one float32 step away) shows")
 
 
-def print_timing(runs, step_times, bn_times, repeats):
+def print_timing(runs, step_times, bn_times, step_repeats, bn_repeats):
     rows = []
     for run in runs:
         step, bn = step_times[run.label], bn_times[run.label]
@@ -272,8 +319,8 @@ def print_timing(runs, step_times, bn_times, repeats):
         ])
     print(f"\n  time, float32 on the CPU, {torch.get_num_threads()} threads (the machine may be shared: compare columns)")
     print(f"    step run:  training step (forward, backward, SGD; batch {BATCH}), mean over the training run above")
-    print(f"    step:      the same, median of {repeats} steps on one batch, implementations taking turns")
-    print(f"    BN layer:  one BatchNorm2d forward + backward, {tuple(BN_TIMING_SHAPE)}, median of {4 * repeats}")
+    print(f"    step:      the same, median of {step_repeats} steps on one batch, implementations taking turns")
+    print(f"    BN layer:  one BatchNorm2d forward + backward, {tuple(BN_TIMING_SHAPE)}, median of {bn_repeats}")
     headers = ["backend", "step run ms", "step ms", "step vs nn", "BN layer us", "BN vs nn"]
     print_table(headers, rows)
 
@@ -298,11 +345,6 @@ def run_train_mode(module, x, dy):
     results = {"y": y, "dx": x.grad, "dweight": module.weight.grad, "dbias": module.bias.grad}
     results["running_mean"], results["running_var"] = module.running_mean, module.running_var
     return {k: v.detach().double().cpu() for k, v in results.items()}
-
-
-def relative_error(value, reference):
-    scale = reference.abs().max().item()
-    return (value - reference).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
 def parity_inputs(seed):
@@ -428,13 +470,13 @@ def print_hard_input(backends, seed):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m torch_bn_manual.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 8, --quick 2)")
-    parser.add_argument("--quick", action="store_true", help="a short run: 2 epochs, fewer timed steps")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 8, --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="a short run: 1 epoch, fewer timed steps")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, split, batch order and inputs")
     args = parser.parse_args(argv)
     if args.epochs is None:
-        args.epochs = 2 if args.quick else 8
-    args.timing_steps = 10 if args.quick else 50
+        args.epochs = 1 if args.quick else 8
+    args.timing_steps = 5 if args.quick else 50
     return args
 
 
@@ -446,14 +488,18 @@ def training_section(backends, args):
         " same initial weights and batch order for every run"
     )
     models = build_models(backends, args.seed)
-    nudged_nn = nudged(models["nn"])
+    nudged_nn, replayed_nn = nudged(models["nn"]), copy.deepcopy(models["nn"])
+    warm_up(models, data)
     runs = [train(label, model, data, args.epochs, args.seed) for label, model in models.items()]
     baseline = train("nn +1ulp", nudged_nn, data, args.epochs, args.seed)
+    lockstep = Lockstep({label: model for label, model in models.items() if label != "nn"})
+    train("lockstep", replayed_nn, data, args.epochs, args.seed, check=lockstep)
     print_epochs(runs)
-    print_loss_differences(runs, baseline)
-    step_times = time_steps(models, data, args.timing_steps)
-    bn_times = time_bn_layers(backends, 4 * args.timing_steps)
-    print_timing(runs, step_times, bn_times, args.timing_steps)
+    print_loss_differences(runs, baseline, lockstep)
+    step_repeats, bn_repeats = args.timing_steps, 4 * args.timing_steps
+    step_times = time_steps(models, data, step_repeats)
+    bn_times = time_bn_layers(backends, bn_repeats)
+    print_timing(runs, step_times, bn_times, step_repeats, bn_repeats)
     return runs
 
 
