@@ -29,14 +29,21 @@ def cpu_flags() -> list:
     it falls back to scalar loops. The build machine is the machine that runs
     the code here (pip install -e . on each machine), so we match its CPU.
     """
-    flags = ["-O3", "-std=c++17"]
+    # No -std here: torch.utils.cpp_extension adds the standard its headers need.
+    # -fopenmp: at::parallel_for is inline; without _OPENMP it runs serially.
+    #   The GOMP symbols resolve to the libgomp that libtorch_cpu already loads.
+    # -fno-tree-vectorize: the kernels vectorize explicitly with at::vec; GCC
+    #   12's auto-vectorizer drops the last element of some odd-length loops
+    #   over structs of doubles (seen on per-channel bookkeeping loops).
+    flags = ["-O3", "-fopenmp", "-fno-tree-vectorize"]
     try:
         with open("/proc/cpuinfo") as f:
             cpuinfo = f.read()
     except OSError:
         cpuinfo = ""
-    if os.environ.get("TORCH_BN_MANUAL_NO_AVX2") != "1" and " avx2" in cpuinfo and " fma" in cpuinfo:
-        flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    wanted = (" avx2", " fma", " f16c")  # f16c: at::vec's AVX2 float16 conversions
+    if os.environ.get("TORCH_BN_MANUAL_NO_AVX2") != "1" and all(f in cpuinfo for f in wanted):
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
 

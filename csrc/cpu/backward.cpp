@@ -1,0 +1,328 @@
+// Backward ops: batch_norm_backward (sums + grad_input, fused per channel
+// where the layout allows), backward_reduce (the sums) and
+// backward_elementwise (grad_input from given sums).
+//
+//   sum_dy     = Σ dy                 sum_dy_xmu = Σ dy·(x - mean)       (double)
+//   grad_input = a·dy + k·(x - mean) + cst     (coefficients.h; eval: a·dy)
+//   grad_weight = sum_dy_xmu · invstd,  grad_bias = sum_dy
+//
+// Passes over memory (training):
+//   NCL  per channel: one reduction read of x and dy, then the grad_input
+//        pass over the same channel while it is (mostly) still in L2;
+//   NLC  one reduction pass over x and dy, then the grad_input pass, each
+//        thread walking its rows backwards to start from what is in cache.
+// Sums use the fixed blocks/tasks of loops.h, so they are independent of the
+// thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "cpu/coefficients.h"
+#include "cpu/kernels.h"
+#include "cpu/loops.h"
+#include "cpu/stats.h"
+#include "cpu/tensors.h"
+
+namespace torch_bn_manual {
+namespace cpu {
+namespace {
+
+struct SumPair {
+  double dy = 0.0, dyx = 0.0;
+};
+
+template <typename T>
+SumPair ncl_block_sums(const T* x, const T* dy, const View& v, int64_t c, const NclRange& r, double mean) {
+  Sum4 sdy, sdyx;
+  for (int64_t n = r.n0; n < r.n1; ++n) {
+    const int64_t off = (n * v.C + c) * v.L + r.l0;
+    add_dy_dyxmu(x + off, dy + off, r.l1 - r.l0, mean, sdy, sdyx);
+  }
+  return {sdy.total(), sdyx.total()};
+}
+
+// One NCL channel: block sums added in block order.
+template <typename T>
+SumPair ncl_channel_sums(const T* x, const T* dy, const View& v, int64_t c, double mean) {
+  const NclBlocks b = ncl_blocks(v);
+  SumPair s;
+  for (int64_t i = 0; i < b.count(); ++i) {
+    const SumPair p = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i), mean);
+    s.dy += p.dy;
+    s.dyx += p.dyx;
+  }
+  return s;
+}
+
+// Every channel, in parallel.
+template <typename T>
+void channel_sums(const T* x, const T* dy, const View& v, const std::vector<double>& mean, std::vector<SumPair>& out) {
+  const int64_t C = v.C;
+  if (!v.nlc && ncl_by_channel(v)) {
+    at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        out[c] = ncl_channel_sums(x, dy, v, c, mean[c]);
+      }
+    });
+  } else if (!v.nlc) {
+    const NclBlocks b = ncl_blocks(v);
+    const int64_t nb = b.count();
+    std::vector<SumPair> blocks(C * nb);
+    at::parallel_for(0, C * nb, grain_for(kNclBlock), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t c = i / nb;
+        blocks[i] = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i % nb), mean[c]);
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      SumPair s;
+      for (int64_t i = 0; i < nb; ++i) {
+        s.dy += blocks[c * nb + i].dy;
+        s.dyx += blocks[c * nb + i].dyx;
+      }
+      out[c] = s;
+    }
+  } else {
+    const NlcTasks t = nlc_tasks(v);
+    const int64_t M = v.M();
+    std::vector<double> t_dy(t.row_tasks * C), t_dyx(t.row_tasks * C);
+    at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
+        const int64_t width = std::min(t.tile, C - c0);
+        const int64_t r0 = rt * t.task_rows, rows = std::min(M, r0 + t.task_rows) - r0;
+        double* a = t_dy.data() + rt * C + c0;
+        double* q = t_dyx.data() + rt * C + c0;
+        std::fill(a, a + width, 0.0);
+        std::fill(q, q + width, 0.0);
+        rows_add_dy_dyxmu(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mean.data() + c0, a, q);
+      }
+    });
+    at::parallel_for(0, C, grain_for(t.row_tasks * 4), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        SumPair s;
+        for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
+          s.dy += t_dy[rt * C + c];
+          s.dyx += t_dyx[rt * C + c];
+        }
+        out[c] = s;
+      }
+    });
+  }
+}
+
+template <typename op_t>
+struct GradCoefs {
+  std::vector<op_t> a, k, cst, mh, ml;
+  explicit GradCoefs(int64_t C) : a(C), k(C), cst(C), mh(C), ml(C) {}
+  void set(int64_t c, const GradCoef<op_t>& g) {
+    a[c] = g.a;
+    k[c] = g.k;
+    cst[c] = g.cst;
+    mh[c] = g.mh;
+    ml[c] = g.ml;
+  }
+};
+
+// grad_input for every value; eval mode (train=false) reads only dy.
+template <typename T>
+void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCoefs<opmath_t<T>>& g, bool train) {
+  const int64_t C = v.C;
+  if (v.nlc) {
+    const int64_t chunk = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
+    at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t r1 = end; r1 > begin; r1 -= chunk) {
+        for (int64_t r = std::max(begin, r1 - chunk); r < r1; ++r) {
+          const int64_t off = r * C;
+          if (train) {
+            grad_row(dy + off, x + off, dx + off, C, g.a.data(), g.k.data(), g.cst.data(), g.mh.data(),
+                     g.ml.data());
+          } else {
+            scale_row(dy + off, dx + off, C, g.a.data());
+          }
+        }
+      }
+    });
+  } else {
+    const int64_t L = v.L;
+    at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t i = end; i-- > begin;) {
+        const int64_t c = i % C, off = i * L;
+        if (train) {
+          grad_run(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c], g.ml[c]);
+        } else {
+          scale_run(dy + off, dx + off, L, g.a[c]);
+        }
+      }
+    });
+  }
+}
+
+struct BackwardArgs {
+  std::vector<double> mean, invstd, w;
+  at::ScalarType sdt;
+};
+
+// The training backward of an NCL input with whole channels per thread:
+// sums, then grad_input of the channel while its values are still in cache.
+template <typename T>
+void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const BackwardArgs& a,
+                        std::vector<SumPair>& sums) {
+  using op_t = opmath_t<T>;
+  const int64_t C = v.C, L = v.L;
+  const double count = static_cast<double>(v.M());
+  at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      SumPair s = ncl_channel_sums(x, dy, v, c, a.mean[c]);
+      s.dy = round_to(s.dy, a.sdt);
+      s.dyx = round_to(s.dyx, a.sdt);
+      sums[c] = s;
+      const GradCoef<op_t> g = grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], s.dy, s.dyx, count, true);
+      for (int64_t n = v.N; n-- > 0;) {
+        const int64_t off = (n * C + c) * L;
+        grad_run(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh, g.ml);
+      }
+    }
+  });
+}
+
+template <typename T>
+void sums_rounded(const T* x, const T* dy, const View& v, const std::vector<double>& mean, at::ScalarType sdt,
+                  std::vector<SumPair>& sums) {
+  channel_sums(x, dy, v, mean, sums);
+  for (auto& s : sums) {
+    s.dy = round_to(s.dy, sdt);
+    s.dyx = round_to(s.dyx, sdt);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const OptTensor& weight, const at::Tensor& save_mean,
+                                                        const at::Tensor& save_invstd, bool train, double eps,
+                                                        std::array<bool, 3> output_mask) {
+  (void)eps;  // only the double backward (ops.py) rebuilds statistics with it
+  const char* op = "batch_norm_backward";
+  check_input(input, op);
+  check_same_shape(grad_output, input, op, "grad_output");
+  const Dense d = dense_input(input);
+  const at::Tensor dy = dense_like(grad_output, d);
+  const View& v = d.v;
+  const int64_t C = v.C;
+  const bool has_w = weight.has_value() && weight->defined();
+  BackwardArgs a;
+  a.sdt = stats_dtype(input.scalar_type());
+  a.mean = channel_values(save_mean, C, op, "save_mean");
+  a.invstd = channel_values(save_invstd, C, op, "save_invstd");
+  a.w = channel_values(weight, C, 1.0, op, "weight");
+  const bool need_gi = output_mask[0];
+  const bool need_gw = has_w && output_mask[1];
+  const bool need_gb = has_w && output_mask[2];
+  const bool need_sums = need_gw || need_gb || (train && need_gi);
+
+  at::Tensor grad_input = need_gi ? empty_like_dense(d, input.scalar_type()) : at::empty({0}, input.options());
+  std::vector<SumPair> sums(C);
+  if (v.M() > 0 && (need_gi || need_sums)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward", [&] {
+      using op_t = opmath_t<scalar_t>;
+      const scalar_t* xp = d.t.const_data_ptr<scalar_t>();
+      const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+      scalar_t* dxp = need_gi ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+      if (train && need_gi && !v.nlc && ncl_by_channel(v)) {
+        fused_ncl_backward(gp, xp, dxp, v, a, sums);
+        return;
+      }
+      if (need_sums) {
+        sums_rounded(xp, gp, v, a.mean, a.sdt, sums);
+      }
+      if (need_gi) {
+        GradCoefs<op_t> g(C);
+        const double count = static_cast<double>(v.M());
+        for (int64_t c = 0; c < C; ++c) {
+          g.set(c, grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], sums[c].dy, sums[c].dyx, count, train));
+        }
+        grad_input_pass(gp, xp, dxp, v, g, train);
+      }
+    });
+  }
+  const auto wopt = has_w ? weight->options() : input.options();
+  const auto wdt = has_w ? weight->scalar_type() : input.scalar_type();
+  at::Tensor grad_weight = at::empty({0}, wopt.dtype(wdt));
+  at::Tensor grad_bias = at::empty({0}, wopt.dtype(wdt));
+  if (need_gw) {
+    std::vector<double> gw(C);
+    for (int64_t c = 0; c < C; ++c) {
+      gw[c] = sums[c].dyx * a.invstd[c];
+    }
+    grad_weight = channel_tensor(gw, wopt, wdt);
+  }
+  if (need_gb) {
+    std::vector<double> gb(C);
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = sums[c].dy;
+    }
+    grad_bias = channel_tensor(gb, wopt, wdt);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
+                                                   const at::Tensor& mean, const at::Tensor& invstd) {
+  const char* op = "batch_norm_backward_reduce";
+  check_input(input, op);
+  check_same_shape(grad_output, input, op, "grad_output");
+  const Dense d = dense_input(input);
+  const at::Tensor dy = dense_like(grad_output, d);
+  const int64_t C = d.v.C;
+  const auto sdt = stats_dtype(input.scalar_type());
+  const std::vector<double> m = channel_values(mean, C, op, "mean");
+  channel_values(invstd, C, op, "invstd");  // checked, not needed for the sums
+  std::vector<SumPair> sums(C);
+  if (d.v.M() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_reduce", [&] {
+      sums_rounded(d.t.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), d.v, m, sdt, sums);
+    });
+  }
+  std::vector<double> sdy(C), sdyx(C);
+  for (int64_t c = 0; c < C; ++c) {
+    sdy[c] = sums[c].dy;
+    sdyx[c] = sums[c].dyx;
+  }
+  return {channel_tensor(sdy, input.options(), sdt), channel_tensor(sdyx, input.options(), sdt)};
+}
+
+at::Tensor backward_elementwise(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+                                const at::Tensor& invstd, const OptTensor& weight, const at::Tensor& sum_dy,
+                                const at::Tensor& sum_dy_xmu, const at::Tensor& count) {
+  const char* op = "batch_norm_backward_elementwise";
+  check_input(input, op);
+  check_same_shape(grad_output, input, op, "grad_output");
+  const Dense d = dense_input(input);
+  const at::Tensor dy = dense_like(grad_output, d);
+  const int64_t C = d.v.C;
+  const std::vector<double> m = channel_values(mean, C, op, "mean");
+  const std::vector<double> is = channel_values(invstd, C, op, "invstd");
+  const std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
+  const std::vector<double> sdy = channel_values(sum_dy, C, op, "sum_dy");
+  const std::vector<double> sdyx = channel_values(sum_dy_xmu, C, op, "sum_dy_xmu");
+  const std::vector<double> n = channel_values(count, C, op, "count", /*allow_broadcast=*/true);
+  at::Tensor grad_input = empty_like_dense(d, input.scalar_type());
+  if (d.v.M() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_elementwise", [&] {
+      using op_t = opmath_t<scalar_t>;
+      GradCoefs<op_t> g(C);
+      for (int64_t c = 0; c < C; ++c) {
+        g.set(c, grad_coef<op_t>(m[c], is[c], w[c], sdy[c], sdyx[c], n[c], true));
+      }
+      grad_input_pass(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
+                      grad_input.mutable_data_ptr<scalar_t>(), d.v, g, true);
+    });
+  }
+  return grad_input;
+}
+
+}  // namespace cpu
+}  // namespace torch_bn_manual

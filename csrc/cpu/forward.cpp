@@ -1,0 +1,177 @@
+// Forward ops: train_forward (statistics + normalize, fused per channel where
+// the layout allows), eval_forward and elementwise (normalize only).
+//
+// Passes over memory:
+//   train_forward NCL  one read of x per channel (two-pass statistics inside
+//                      L1-sized blocks), then the normalize pass over the same
+//                      channel, mostly from L2, writing y;
+//   train_forward NLC  a reduction pass over x (blocks reread from cache),
+//                      then a normalize pass reading x and writing y, run in
+//                      reverse so it starts with what the reduction left in cache;
+//   eval / elementwise one read of x, one write of y.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu/coefficients.h"
+#include "cpu/kernels.h"
+#include "cpu/loops.h"
+#include "cpu/stats.h"
+#include "cpu/tensors.h"
+
+namespace torch_bn_manual {
+namespace cpu {
+namespace {
+
+template <typename op_t>
+struct NormCoefs {
+  std::vector<op_t> mh, ml, scale, shift;
+  explicit NormCoefs(int64_t C) : mh(C), ml(C), scale(C), shift(C) {}
+  void set(int64_t c, const NormCoef<op_t>& k) {
+    mh[c] = k.mh;
+    ml[c] = k.ml;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+  }
+};
+
+// Rows of an NLC pass handled per step when walking a thread's range backwards.
+inline int64_t nlc_chunk_rows(const View& v) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(v.C, 1));
+}
+
+// y for every value, given per-channel coefficients. Each thread walks its
+// range from the end: after a reduction pass that range's tail is in cache.
+template <typename T>
+void normalize(const T* x, T* y, const View& v, const NormCoefs<opmath_t<T>>& k) {
+  if (v.nlc) {
+    const int64_t C = v.C, chunk = nlc_chunk_rows(v);
+    at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
+      for (int64_t r1 = end; r1 > begin; r1 -= chunk) {
+        for (int64_t r = std::max(begin, r1 - chunk); r < r1; ++r) {
+          normalize_row(x + r * C, y + r * C, C, k.mh.data(), k.ml.data(), k.scale.data(), k.shift.data());
+        }
+      }
+    });
+  } else {
+    const int64_t C = v.C, L = v.L;
+    at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
+      for (int64_t i = end; i-- > begin;) {
+        const int64_t c = i % C;
+        normalize_run(x + i * L, y + i * L, L, k.mh[c], k.ml[c], k.scale[c], k.shift[c]);
+      }
+    });
+  }
+}
+
+template <typename T>
+void train_forward_kernel(const Dense& d, const std::vector<double>& w, const std::vector<double>& b, double eps,
+                          at::ScalarType sdt, T* y, std::vector<double>& mean_out,
+                          std::vector<double>& invstd_out) {
+  using op_t = opmath_t<T>;
+  const T* x = d.t.const_data_ptr<T>();
+  const View& v = d.v;
+  // Statistics as stored (rounded to the statistics dtype), then coefficients
+  // from the stored values: the same numbers elementwise() would get.
+  auto finish = [&](int64_t c, const State& s) {
+    const double mean = round_to(s.mean, sdt);
+    const double invstd = round_to(invstd_of(s.m2, s.count, eps), sdt);
+    mean_out[c] = mean;
+    invstd_out[c] = invstd;
+    return norm_coef<op_t>(mean, invstd, w[c], b[c]);
+  };
+  if (!v.nlc && ncl_by_channel(v)) {
+    const int64_t C = v.C, L = v.L;
+    at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const NormCoef<op_t> k = finish(c, ncl_channel_state(x, v, c));
+        for (int64_t n = v.N; n-- > 0;) {
+          const int64_t off = (n * C + c) * L;
+          normalize_run(x + off, y + off, L, k.mh, k.ml, k.scale, k.shift);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<State> states(v.C);
+  channel_states(x, v, states.data());
+  NormCoefs<op_t> k(v.C);
+  for (int64_t c = 0; c < v.C; ++c) {
+    k.set(c, finish(c, states[c]));
+  }
+  normalize(x, y, v, k);
+}
+
+// normalize() with coefficients from given per-channel mean and invstd.
+at::Tensor normalize_with(const char* op, const Dense& d, const std::vector<double>& mean,
+                          const std::vector<double>& invstd, const OptTensor& weight, const OptTensor& bias) {
+  const int64_t C = d.v.C;
+  const std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
+  const std::vector<double> b = channel_values(bias, C, 0.0, op, "bias");
+  at::Tensor y = empty_like_dense(d, d.t.scalar_type());
+  if (d.v.M() == 0) {
+    return y;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d.t.scalar_type(), "batch_norm_normalize", [&] {
+    using op_t = opmath_t<scalar_t>;
+    NormCoefs<op_t> k(C);
+    for (int64_t c = 0; c < C; ++c) {
+      k.set(c, norm_coef<op_t>(mean[c], invstd[c], w[c], b[c]));
+    }
+    normalize(d.t.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), d.v, k);
+  });
+  return y;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward(const at::Tensor& input, const OptTensor& weight,
+                                                             const OptTensor& bias, double eps) {
+  const char* op = "batch_norm_train_forward";
+  check_input(input, op);
+  const Dense d = dense_input(input);
+  const int64_t C = d.v.C;
+  const auto sdt = stats_dtype(input.scalar_type());
+  const std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
+  const std::vector<double> b = channel_values(bias, C, 0.0, op, "bias");
+  at::Tensor y = empty_like_dense(d, input.scalar_type());
+  std::vector<double> mean(C, 0.0), invstd(C, round_to(invstd_of(0.0, 0.0, eps), sdt));
+  if (d.v.M() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_train_forward", [&] {
+      train_forward_kernel<scalar_t>(d, w, b, eps, sdt, y.mutable_data_ptr<scalar_t>(), mean, invstd);
+    });
+  }
+  return {y, channel_tensor(mean, input.options(), sdt), channel_tensor(invstd, input.options(), sdt)};
+}
+
+at::Tensor eval_forward(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                        const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
+  const char* op = "batch_norm_eval_forward";
+  check_input(input, op);
+  const Dense d = dense_input(input);
+  const int64_t C = d.v.C;
+  const auto sdt = stats_dtype(input.scalar_type());
+  std::vector<double> mean = channel_values(running_mean, C, op, "running_mean");
+  std::vector<double> invstd = channel_values(running_var, C, op, "running_var");
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = round_to(mean[c], sdt);
+    invstd[c] = round_to(1.0 / std::sqrt(round_to(invstd[c], sdt) + eps), sdt);
+  }
+  return normalize_with(op, d, mean, invstd, weight, bias);
+}
+
+at::Tensor elementwise(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                       const at::Tensor& mean, const at::Tensor& invstd) {
+  const char* op = "batch_norm_elementwise";
+  check_input(input, op);
+  const Dense d = dense_input(input);
+  const int64_t C = d.v.C;
+  return normalize_with(op, d, channel_values(mean, C, op, "mean"), channel_values(invstd, C, op, "invstd"),
+                        weight, bias);
+}
+
+}  // namespace cpu
+}  // namespace torch_bn_manual

@@ -1,0 +1,194 @@
+// Batch statistics: the reduction of train_forward and collect_stats, and
+// the batch_norm_merge_stats op.
+#include "cpu/stats.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/tensors.h"
+
+namespace torch_bn_manual {
+namespace cpu {
+namespace {
+
+// The values of one NCL block: mean by a first pass, m2 about that mean by a
+// second pass while the block is still in L1.
+template <typename T>
+State ncl_block_state(const T* x, const View& v, int64_t c, const NclRange& r) {
+  const int64_t len = r.l1 - r.l0;
+  Sum4 sum;
+  for (int64_t n = r.n0; n < r.n1; ++n) {
+    add_values(x + (n * v.C + c) * v.L + r.l0, len, sum);
+  }
+  const double count = static_cast<double>(r.count());
+  const double mean = sum.total() / count;
+  Sum4 sq;
+  for (int64_t n = r.n0; n < r.n1; ++n) {
+    add_sq_dev(x + (n * v.C + c) * v.L + r.l0, len, mean, sq);
+  }
+  return State{mean, sq.total(), count};
+}
+
+// NCL with few channels: all (channel, block) pairs in parallel, then the fold.
+template <typename T>
+void ncl_states_by_block(const T* x, const View& v, State* out) {
+  const NclBlocks b = ncl_blocks(v);
+  const int64_t nb = b.count();
+  std::vector<State> blocks(v.C * nb);
+  at::parallel_for(0, v.C * nb, grain_for(kNclBlock), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      blocks[i] = ncl_block_state(x, v, i / nb, ncl_block(v, b, i % nb));
+    }
+  });
+  for (int64_t c = 0; c < v.C; ++c) {
+    State s{0.0, 0.0, 0.0};
+    for (int64_t i = 0; i < nb; ++i) {
+      s = welford_merge(s, blocks[c * nb + i]);
+    }
+    out[c] = s;
+  }
+}
+
+// NLC: each task folds its blocks (two passes over block_rows rows of a
+// channel tile), the tasks of a tile are then folded in row order.
+template <typename T>
+void nlc_states(const T* x, const View& v, State* out) {
+  const NlcTasks t = nlc_tasks(v);
+  const int64_t C = v.C, M = v.M();
+  // task states, [row task][channel]
+  std::vector<double> t_mean(t.row_tasks * C), t_m2(t.row_tasks * C);
+  at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(t.tile), sq(t.tile), mean(t.tile);
+    std::vector<State> acc(t.tile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
+      const int64_t width = std::min(t.tile, C - c0);
+      const int64_t r_begin = rt * t.task_rows, r_end = std::min(M, r_begin + t.task_rows);
+      std::fill(acc.begin(), acc.begin() + width, State{0.0, 0.0, 0.0});
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += t.block_rows) {
+        const int64_t rows = std::min(t.block_rows, r_end - r0);
+        const T* base = x + r0 * C + c0;
+        std::fill(sum.begin(), sum.begin() + width, 0.0);
+        std::fill(sq.begin(), sq.begin() + width, 0.0);
+        rows_add(base, C, rows, width, sum.data());
+        const double count = static_cast<double>(rows);
+        for (int64_t c = 0; c < width; ++c) {
+          mean[c] = sum[c] / count;
+        }
+        rows_add_sq_dev(base, C, rows, width, mean.data(), sq.data());
+        for (int64_t c = 0; c < width; ++c) {
+          acc[c] = welford_merge(acc[c], State{mean[c], sq[c], count});
+        }
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        t_mean[rt * C + c0 + c] = acc[c].mean;
+        t_m2[rt * C + c0 + c] = acc[c].m2;
+      }
+    }
+  });
+  at::parallel_for(0, C, grain_for(t.row_tasks * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      State s{0.0, 0.0, 0.0};
+      for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
+        const double count = static_cast<double>(std::min(M, (rt + 1) * t.task_rows) - rt * t.task_rows);
+        s = welford_merge(s, State{t_mean[rt * C + c], t_m2[rt * C + c], count});
+      }
+      out[c] = s;
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+State ncl_channel_state(const T* x, const View& v, int64_t c) {
+  const NclBlocks b = ncl_blocks(v);
+  State s{0.0, 0.0, 0.0};
+  for (int64_t i = 0; i < b.count(); ++i) {
+    s = welford_merge(s, ncl_block_state(x, v, c, ncl_block(v, b, i)));
+  }
+  return s;
+}
+
+template <typename T>
+void channel_states(const T* x, const View& v, State* out) {
+  if (v.M() == 0) {
+    std::fill(out, out + v.C, State{0.0, 0.0, 0.0});
+  } else if (v.nlc) {
+    nlc_states(x, v, out);
+  } else if (ncl_by_channel(v)) {
+    at::parallel_for(0, v.C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        out[c] = ncl_channel_state(x, v, c);
+      }
+    });
+  } else {
+    ncl_states_by_block(x, v, out);
+  }
+}
+
+#define TORCH_BN_MANUAL_INSTANTIATE(T)                                 \
+  template State ncl_channel_state<T>(const T*, const View&, int64_t); \
+  template void channel_states<T>(const T*, const View&, State*);
+TORCH_BN_MANUAL_INSTANTIATE(double)
+TORCH_BN_MANUAL_INSTANTIATE(float)
+TORCH_BN_MANUAL_INSTANTIATE(c10::BFloat16)
+TORCH_BN_MANUAL_INSTANTIATE(c10::Half)
+#undef TORCH_BN_MANUAL_INSTANTIATE
+
+// ---------------------------------------------------------------------------
+// Ops
+// ---------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> collect_stats(const at::Tensor& input) {
+  check_input(input, "batch_norm_collect_stats");
+  const Dense d = dense_input(input);
+  const int64_t C = d.v.C;
+  std::vector<State> states(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_collect_stats", [&] {
+    channel_states(d.t.const_data_ptr<scalar_t>(), d.v, states.data());
+  });
+  std::vector<double> mean(C), m2(C), count(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = states[c].mean;
+    m2[c] = states[c].m2;
+    count[c] = states[c].count;
+  }
+  const auto sdt = stats_dtype(input.scalar_type());
+  return {channel_tensor(mean, input.options(), sdt), channel_tensor(m2, input.options(), sdt),
+          channel_tensor(count, input.options(), sdt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& mean, const at::Tensor& m2,
+                                                           const at::Tensor& count) {
+  const char* op = "batch_norm_merge_stats";
+  TORCH_CHECK(mean.dim() == 2, op, ": mean must be (G, C), got ", mean.sizes());
+  TORCH_CHECK(m2.sizes() == mean.sizes(), op, ": m2 must have mean's shape ", mean.sizes(), ", got ", m2.sizes());
+  TORCH_CHECK(at::isFloatingType(mean.scalar_type()), op, ": mean must be floating point, got ", mean.scalar_type());
+  const int64_t G = mean.size(0), C = mean.size(1);
+  const at::Tensor mean_d = mean.detach().to(at::kDouble).contiguous();
+  const at::Tensor m2_d = m2.detach().to(at::kDouble).contiguous();
+  const at::Tensor count_d = count.detach().to(at::kDouble).expand({G, C}).contiguous();
+  const double* pm = mean_d.const_data_ptr<double>();
+  const double* pq = m2_d.const_data_ptr<double>();
+  const double* pn = count_d.const_data_ptr<double>();
+  std::vector<double> out_mean(C), out_m2(C), out_count(C);
+  for (int64_t c = 0; c < C; ++c) {
+    State s{0.0, 0.0, 0.0};
+    for (int64_t g = 0; g < G; ++g) {
+      s = welford_merge(s, State{pm[g * C + c], pq[g * C + c], pn[g * C + c]});
+    }
+    out_mean[c] = s.mean;
+    out_m2[c] = s.m2;
+    out_count[c] = s.count;
+  }
+  const auto dtype = mean.scalar_type();
+  return {channel_tensor(out_mean, mean.options(), dtype), channel_tensor(out_m2, mean.options(), dtype),
+          channel_tensor(out_count, mean.options(), dtype)};
+}
+
+}  // namespace cpu
+}  // namespace torch_bn_manual

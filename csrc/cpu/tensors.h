@@ -1,0 +1,52 @@
+// Tensor-level plumbing shared by the CPU ops: argument checks, the
+// statistics dtype rule, and per-channel values to and from tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "cpu/loops.h"
+
+namespace torch_bn_manual {
+namespace cpu {
+
+// docs/architecture.md: float64 and float32 input keep float64 statistics,
+// float16 and bfloat16 input float32 ones.
+at::ScalarType stats_dtype(at::ScalarType input);
+
+// A value as the statistics dtype stores it (float32 rounding where it is float32).
+inline double round_to(double v, at::ScalarType dtype) {
+  return dtype == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v;
+}
+
+// An (N, C, *) floating input with 0 to 3 spatial dims, on the CPU.
+void check_input(const at::Tensor& input, const char* op);
+
+// `other` must have input's shape (grad_output).
+void check_same_shape(const at::Tensor& other, const at::Tensor& input, const char* op, const char* name);
+
+// The input laid out densely in `format`, and how to walk it.
+struct Dense {
+  at::Tensor t;
+  at::MemoryFormat format;
+  View v;
+};
+Dense dense_input(const at::Tensor& input);
+// `other` (e.g. grad_output) in the same memory order as d.t.
+at::Tensor dense_like(const at::Tensor& other, const Dense& d);
+// A new tensor of d's shape and memory format.
+at::Tensor empty_like_dense(const Dense& d, at::ScalarType dtype);
+
+// A per-channel tensor (C values, or 1 broadcast to C) as doubles.
+std::vector<double> channel_values(const at::Tensor& t, int64_t C, const char* op, const char* name,
+                                   bool allow_broadcast = false);
+// Same for an optional tensor; missing means `fill` for every channel.
+std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C, double fill, const char* op,
+                                   const char* name);
+// A (C,) tensor of `dtype` holding v.
+at::Tensor channel_tensor(const std::vector<double>& v, const at::TensorOptions& options, at::ScalarType dtype);
+
+}  // namespace cpu
+}  // namespace torch_bn_manual

@@ -1,0 +1,115 @@
+// Vector building blocks for the CPU kernels (at::vec::Vectorized).
+//
+// Two arithmetic types appear in every kernel:
+//   opmath_t<T>  the type elementwise math runs in: double for double input,
+//                float for float, bfloat16 and half input;
+//   double       the type every reduction accumulates in, for every input.
+//
+// The loops assume 256-bit vectors (8 floats, 4 doubles): that is what the
+// build selects (AVX2 where the machine has it, the portable fallback of
+// at::vec otherwise, which has the same widths).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace torch_bn_manual {
+namespace cpu {
+
+using at::vec::Vectorized;
+using dVec = Vectorized<double>;
+using fVec = Vectorized<float>;
+
+static_assert(fVec::size() == 8 && dVec::size() == 4,
+              "the CPU kernels are written for 256-bit vectors");
+
+template <typename T>
+struct OpMath {
+  using type = float;
+};
+template <>
+struct OpMath<double> {
+  using type = double;
+};
+template <typename T>
+using opmath_t = typename OpMath<T>::type;
+
+// One vector of opmath_t values to and from memory holding T.
+template <typename T>
+struct VecIO {
+  using op_t = opmath_t<T>;
+  using Vec = Vectorized<op_t>;
+  static constexpr int64_t kSize = Vec::size();
+
+  static inline Vec load(const T* p) {
+    if constexpr (std::is_same_v<T, op_t>) {
+      return Vec::loadu(p);
+    } else {
+      Vec out;
+      at::vec::load_to_float<T>(p, out);
+      return out;
+    }
+  }
+
+  static inline void store(T* p, const Vec& v) {
+    if constexpr (std::is_same_v<T, op_t>) {
+      v.store(p);
+    } else {
+      at::vec::convert_from_float<T>(v, v).store(p, kSize);
+    }
+  }
+};
+
+// Eight floats as two vectors of four doubles (exact).
+inline void widen(const fVec& v, dVec& lo, dVec& hi) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  const __m256 f = v;
+  lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+  hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+#else
+  __at_align__ float f[8];
+  __at_align__ double d[8];
+  v.store(f);
+  for (int i = 0; i < 8; ++i) {
+    d[i] = static_cast<double>(f[i]);
+  }
+  lo = dVec::loadu(d);
+  hi = dVec::loadu(d + 4);
+#endif
+}
+
+// Sixteen consecutive values of T as four double vectors.
+template <typename T>
+inline void load16(const T* p, dVec (&d)[4]) {
+  if constexpr (std::is_same_v<T, double>) {
+    d[0] = dVec::loadu(p);
+    d[1] = dVec::loadu(p + 4);
+    d[2] = dVec::loadu(p + 8);
+    d[3] = dVec::loadu(p + 12);
+  } else {
+    widen(VecIO<T>::load(p), d[0], d[1]);
+    widen(VecIO<T>::load(p + 8), d[2], d[3]);
+  }
+}
+
+// A sum kept as four vector partial sums plus a scalar tail, folded in a
+// fixed order: the result depends only on the sequence of values added.
+struct Sum4 {
+  dVec v[4] = {dVec(0.0), dVec(0.0), dVec(0.0), dVec(0.0)};
+  double tail = 0.0;
+
+  double total() const {
+    __at_align__ double lanes[4];
+    ((v[0] + v[1]) + (v[2] + v[3])).store(lanes);
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+  }
+};
+
+}  // namespace cpu
+}  // namespace torch_bn_manual

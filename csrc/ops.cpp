@@ -1,0 +1,66 @@
+// The torch_bn_manual operator schemas: the one place they are declared.
+// Meanings, dtype rules and shapes: docs/architecture.md. Kernels attach per
+// device elsewhere (csrc/cpu/register.cpp, csrc/cuda/); the differentiable
+// ops get their autograd formulas in torch_bn_manual/ops.py.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+// Importing torch_bn_manual._C loads this library, which runs the
+// registrations below. The module itself has nothing in it.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "torch_bn_manual operator library", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(torch_bn_manual, m) {
+  // Differentiable (autograd in ops.py).
+  m.def(
+      "batch_norm_train_forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_eval_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, float eps) -> Tensor");
+  // The gradient itself, and the decomposed steps SyncBatchNorm combines.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor save_mean,"
+      " Tensor save_invstd, bool train, float eps, bool[3] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def("batch_norm_collect_stats(Tensor input) -> (Tensor mean, Tensor m2, Tensor count)");
+  m.def("batch_norm_merge_stats(Tensor mean, Tensor m2, Tensor count) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_elementwise(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd)"
+      " -> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd)"
+      " -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "batch_norm_backward_elementwise(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd,"
+      " Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
+}
+
+namespace {
+
+// The ops without a derivative formula: run the device kernel with autograd
+// out of the way, so their outputs never require grad (rather than carry a
+// graph that cannot be differentiated). Double backward goes through the
+// autograd formulas of the two forward ops instead (ops.py).
+void without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_bn_manual, Autograd, m) {
+  for (const char* name : {"batch_norm_backward", "batch_norm_collect_stats", "batch_norm_merge_stats",
+                           "batch_norm_elementwise", "batch_norm_backward_reduce",
+                           "batch_norm_backward_elementwise"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autograd>());
+  }
+}
