@@ -30,13 +30,24 @@ def compiled_available() -> bool:
     return _compiled is not None
 
 
-def _compiled_has_device(device: torch.device) -> bool:
-    """Whether the compiled ops have kernels for this device type (CUDA is optional)."""
+def _devices_with_kernels() -> frozenset:
+    """The device types the compiled ops have kernels for (CUDA only in a CUDA build).
+
+    Asked once at import: the answer cannot change, and torch.compile must not
+    trace a dispatcher query on every call.
+    """
     if _compiled is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "torch_bn_manual::batch_norm_train_forward", key)
+        return frozenset()
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(
+                         "torch_bn_manual::batch_norm_train_forward", key))
+
+
+_COMPILED_DEVICES = _devices_with_kernels()
+
+
+def _compiled_has_device(device) -> bool:
+    return torch.device(device).type in _COMPILED_DEVICES
 
 
 def available_backends() -> List[str]:
