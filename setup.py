@@ -59,7 +59,11 @@ def extension():
             sources,
             include_dirs=include_dirs,
             define_macros=[("TORCH_BN_MANUAL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            # nvcc: no -std (torch adds the one its headers need) and no --use_fast_math: it
+            # flushes float32 denormals and approximates division/sqrt; the kernels are
+            # bandwidth-bound, divide once per chunk and take 1/sqrt in double anyway.
+            # -lineinfo maps compute-sanitizer and profiler reports to source lines.
+            extra_compile_args={"cxx": cpu_flags(), "nvcc": ["-O3", "-lineinfo"]},
         )
     return CppExtension(
         "torch_bn_manual._C",

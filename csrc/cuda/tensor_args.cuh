@@ -1,0 +1,143 @@
+// Tensor-level plumbing of the CUDA ops: argument checks (the same rules and
+// messages as the CPU ops), the statistics dtype rule, the dense layout of the
+// input, and per-channel tensors turned into kernel arguments.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+
+#include "launchers.h"
+
+namespace torch_bn_manual {
+namespace cuda {
+
+using OptTensor = std::optional<at::Tensor>;
+
+inline bool is_present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return DType::Float64;
+    case at::kFloat: return DType::Float32;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kLong: return DType::Int64;
+    case at::kInt: return DType::Int32;
+    default: TORCH_CHECK(false, "torch_bn_manual: unsupported dtype ", t);
+  }
+}
+
+// docs/architecture.md: float64 and float32 input keep float64 statistics,
+// float16 and bfloat16 input float32 ones.
+inline at::ScalarType stats_dtype(at::ScalarType input) {
+  return (input == at::kDouble || input == at::kFloat) ? at::kDouble : at::kFloat;
+}
+
+// The dtype of the per-channel coefficients (ChannelParams): the compute type.
+inline at::ScalarType compute_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_input(const at::Tensor& input, const char* op) {
+  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op, ": expected input of shape (N, C, *) with 0 to 3 ",
+              "spatial dims, got ", input.dim(), " dims");
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
+              ": input must be float64, float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got ", input.device());
+}
+
+inline void check_same_shape(const at::Tensor& other, const at::Tensor& input, const char* op, const char* name) {
+  TORCH_CHECK(other.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ", input.sizes(),
+              ", got ", other.sizes());
+  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
+              input.scalar_type(), ", got ", other.scalar_type());
+  TORCH_CHECK(other.device() == input.device(), op, ": ", name, " must be on the input's device ", input.device(),
+              ", got ", other.device());
+}
+
+// The input laid out densely in its suggested memory format, and its geometry.
+struct Dense {
+  at::Tensor t;
+  at::MemoryFormat format;
+  Geometry g;
+  DType dtype;
+};
+
+inline Dense dense_input(const at::Tensor& input) {
+  Dense d;
+  d.format = input.suggest_memory_format();
+  d.t = input.contiguous(d.format);
+  d.dtype = to_dtype(input.scalar_type());
+  d.g.N = input.size(0);
+  d.g.C = input.size(1);
+  d.g.L = 1;
+  for (int64_t i = 2; i < input.dim(); ++i) d.g.L *= input.size(i);
+  d.g.channels_last = d.format != at::MemoryFormat::Contiguous;
+  if (d.g.L == 1) {
+    d.g.channels_last = true;  // (N, C): the rows are the samples
+  } else if (d.g.C == 1) {
+    d.g.channels_last = false;  // one channel: both orders coincide
+  }
+  d.g.device = input.get_device();
+  d.g.vec = 1;
+  return d;
+}
+
+// `other` (grad_output) in the memory order of d.t.
+inline at::Tensor dense_like(const at::Tensor& other, const Dense& d) { return other.contiguous(d.format); }
+
+// A new tensor of d's shape and memory format.
+inline at::Tensor empty_like_dense(const Dense& d) {
+  return at::empty(d.t.sizes(), d.t.options().memory_format(d.format));
+}
+
+// The widest vector access the bulk kernels may use for these pointers: 16
+// bytes when the innermost extent is a multiple of it and every pointer is
+// 16-byte aligned, else one element.
+inline int vector_width(const Dense& d, std::initializer_list<const void*> pointers) {
+  const int64_t width = 16 / static_cast<int64_t>(d.t.element_size());
+  const int64_t inner = d.g.channels_last ? d.g.C : d.g.L;
+  if (inner % width != 0) return 1;
+  for (const void* p : pointers) {
+    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return static_cast<int>(width);
+}
+
+// A per-channel tensor (C values, or one broadcast to all with
+// allow_broadcast) as a kernel argument.  Values on another device (a CPU
+// scalar, say) are copied to the input's device, dtypes the kernels do not
+// read are converted to float64; `holder` keeps such a copy alive.
+inline ChannelArg channel_arg(const at::Tensor& t, int64_t C, const at::Tensor& input, const char* op,
+                              const char* name, at::Tensor& holder, bool allow_broadcast = false) {
+  TORCH_CHECK(t.numel() == C || (allow_broadcast && t.numel() == 1), op, ": ", name, " must have ", C,
+              " elements (one per channel), got ", t.numel());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), false), op, ": ", name,
+              " must be a real tensor, got ", t.scalar_type());
+  holder = t.detach();
+  if (holder.device() != input.device()) holder = holder.to(input.device());
+  const auto dt = holder.scalar_type();
+  if (dt != at::kDouble && dt != at::kFloat && dt != at::kHalf && dt != at::kBFloat16 && dt != at::kLong &&
+      dt != at::kInt) {
+    holder = holder.to(at::kDouble);
+  }
+  holder = holder.reshape({-1});
+  return ChannelArg{holder.data_ptr(), to_dtype(holder.scalar_type()), holder.numel() == 1 ? 0 : holder.stride(0)};
+}
+
+inline ChannelArg optional_channel_arg(const OptTensor& t, int64_t C, const at::Tensor& input, const char* op,
+                                       const char* name, at::Tensor& holder) {
+  if (!is_present(t)) return ChannelArg{nullptr, DType::Float32, 0};
+  return channel_arg(*t, C, input, op, name, holder);
+}
+
+inline ChannelOut channel_out(at::Tensor& t) {
+  return t.numel() > 0 ? ChannelOut{t.data_ptr(), to_dtype(t.scalar_type())} : ChannelOut{nullptr, DType::Float32};
+}
+
+}  // namespace cuda
+}  // namespace torch_bn_manual

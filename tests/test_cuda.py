@@ -1,0 +1,771 @@
+"""The CUDA kernels (csrc/cuda/) on a GPU.
+
+Every op against float64 math on the same values, for each dtype and layout
+and for the shapes that pick each kernel path (contiguous and channels-last,
+16-byte vectors and single elements, one and many channel tiles, one and many
+grid splits); the decomposed ops against the fused ones, bit for bit; the CUDA
+ops against the CPU ops; the modules against nn.BatchNorm*d (cuDNN) in
+training and eval; gradcheck/gradgradcheck; opcheck; torch.compile; the
+accuracy bar and determinism of docs/architecture.md; a tensor of more than
+2^31 elements; streams and devices; and compute-sanitizer over
+tests/cuda_memcheck_script.py.
+
+Skipped as a whole without a CUDA GPU or without the CUDA kernels in the build.
+"""
+import copy
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.cuda
+
+
+def _why_skipped():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    try:
+        from torch_bn_manual import ops  # noqa: F401
+    except ImportError as error:
+        return f"torch_bn_manual._C is not built ({error})"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("torch_bn_manual::batch_norm_train_forward", "CUDA"):
+        return "torch_bn_manual._C was built without the CUDA kernels"
+    return None
+
+
+_REASON = _why_skipped()
+if _REASON is not None:
+    pytest.skip(_REASON, allow_module_level=True)
+
+import torch_bn_manual as bnm  # noqa: E402
+from torch_bn_manual import ops  # noqa: E402
+
+OPS = torch.ops.torch_bn_manual
+DEV = torch.device("cuda")
+EPS = 1e-5
+HALF = (torch.bfloat16, torch.float16)
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# max |ours - float64 math| / max |float64 math|, per input dtype
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def gen(request):
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(request.node.nodeid)) % (2**31)
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------
+# Inputs and float64 references
+# ---------------------------------------------------------------------------
+
+def randn(shape, gen, dtype=torch.float32, offset=0.0, scale=1.0):
+    """Normal values drawn in float64 on the CPU (reproducible), cast, moved to the GPU."""
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype).to(DEV)
+
+
+def layout(x, name):
+    if name == "contiguous":
+        return x.contiguous()
+    if name == "channels_last":
+        if x.dim() < 4:  # channels innermost; such (N, C, L) input is copied to contiguous by the ops
+            return x.movedim(1, -1).contiguous().movedim(-1, 1)
+        return x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()])
+    if name == "noncontiguous":
+        wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    if name == "misaligned":  # dense, but 2 bytes past a 16-byte boundary: no vector loads
+        flat = torch.empty(x.numel() + 8, dtype=x.dtype, device=x.device)
+        view = flat[1:1 + x.numel()].view(x.shape)
+        view.copy_(x)
+        return view
+    raise ValueError(name)
+
+
+def param_dtype(dtype):
+    return torch.float32 if dtype in HALF else dtype
+
+
+def stats_dtype(dtype):
+    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def params(channels, gen, dtype):
+    w = randn(channels, gen, param_dtype(dtype), offset=1.0, scale=0.1)
+    b = randn(channels, gen, param_dtype(dtype))
+    return w, b
+
+
+def dims_of(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def bcast(v, x):
+    return v.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def ref_stats(x):
+    xd = x.double()
+    mean = xd.mean(dims_of(x))
+    m2 = ((xd - bcast(mean, x)) ** 2).sum(dims_of(x))
+    return mean, m2, x.numel() // x.size(1)
+
+
+def ref_normalize(x, w, b, mean, invstd):
+    y = (x.double() - bcast(mean.double(), x)) * bcast(invstd.double(), x)
+    if w is not None:
+        y = y * bcast(w.double(), x)
+    if b is not None:
+        y = y + bcast(b.double(), x)
+    return y
+
+
+def ref_train_forward(x, w, b, eps=EPS):
+    mean, m2, count = ref_stats(x)
+    invstd = 1 / torch.sqrt(m2 / count + eps)
+    return ref_normalize(x, w, b, mean, invstd), mean, invstd
+
+
+def ref_backward(dy, x, w, mean, invstd, train):
+    xd, dyd, mean, invstd = x.double(), dy.double(), mean.double(), invstd.double()
+    wd = torch.ones_like(mean) if w is None else w.double()
+    count = x.numel() // x.size(1)
+    xmu = xd - bcast(mean, x)
+    sum_dy = dyd.sum(dims_of(x))
+    sum_dy_xmu = (dyd * xmu).sum(dims_of(x))
+    if train:
+        dx = bcast(wd * invstd, x) * (dyd - bcast(sum_dy / count, x)
+                                     - xmu * bcast(invstd * invstd * sum_dy_xmu / count, x))
+    else:
+        dx = bcast(wd * invstd, x) * dyd
+    return dx, sum_dy_xmu * invstd, sum_dy
+
+
+def rel_err(actual, expected):
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def output_format(x):
+    return torch._prims_common.suggest_memory_format(x)
+
+
+def formats_of(t):
+    """Which memory formats t satisfies (compared between ours and nn)."""
+    result = []
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        try:
+            result.append(t.is_contiguous(memory_format=fmt))
+        except RuntimeError:  # a format for another rank
+            result.append(None)
+    return tuple(result)
+
+
+# Shapes for every kernel path: (N, C) rows; (N, C, L) and 5-D input; L a
+# multiple of the vector width or odd (7x7 = 49: one element at a time);
+# channels-last with C a multiple of the vector width or not (3, 5, 1000),
+# with one column tile or many (1000, 600); C == 1; spatial size 1; a long
+# channel split over many blocks (few channels, large M).
+SHAPES = [(4, 3, 5, 7), (2, 2, 70, 64), (3, 40, 6, 5), (5, 16, 7, 7), (50, 7), (33, 600), (4, 6, 9),
+          (3, 1, 4, 4), (6, 20, 1, 1), (2, 3, 3, 4, 5), (2, 16, 2, 4, 4), (8, 1000), (4, 3, 128, 96)]
+
+
+def cases():
+    for shape, dtype in itertools.product(SHAPES, DTYPES):
+        names = ["contiguous", "noncontiguous"] + (["channels_last"] if len(shape) >= 4 else [])
+        for name in names:
+            yield shape, dtype, name
+
+
+CASES = list(cases())
+
+
+def case_id(case):
+    shape, dtype, name = case
+    return f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}"
+
+
+# ---------------------------------------------------------------------------
+# Each op against float64 math
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_train_forward(case, gen):
+    shape, dtype, name = case
+    x = layout(randn(shape, gen, dtype, offset=3.0, scale=2.0), name)
+    w, b = params(shape[1], gen, dtype)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    y_ref, mean_ref, invstd_ref = ref_train_forward(x, w, b)
+    assert y.device == x.device and y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=output_format(x))
+    assert mean.dtype == invstd.dtype == stats_dtype(dtype) and mean.shape == (shape[1],)
+    assert rel_err(y, y_ref) <= TOL[dtype]
+    # half types keep float32 statistics, merged in float32 on the GPU
+    assert rel_err(mean, mean_ref) <= (1e-6 if dtype in HALF else 1e-14)
+    assert rel_err(invstd, invstd_ref) <= (1e-5 if dtype in HALF else 1e-12)
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=case_id)
+def test_eval_forward_and_elementwise(case, gen):
+    shape, dtype, name = case
+    x = layout(randn(shape, gen, dtype), name)
+    w, b = params(shape[1], gen, dtype)
+    rm = randn(shape[1], gen, param_dtype(dtype), scale=0.5)
+    rv = randn(shape[1], gen, param_dtype(dtype)).abs() + 0.5
+    y = OPS.batch_norm_eval_forward(x, w, b, rm, rv, EPS)
+    invstd = torch.rsqrt(rv.double() + EPS)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=output_format(x))
+    assert rel_err(y, ref_normalize(x, w, b, rm, invstd)) <= TOL[dtype]
+    y2 = OPS.batch_norm_elementwise(x, None, b, rm.to(stats_dtype(dtype)), invstd.to(stats_dtype(dtype)))
+    assert rel_err(y2, ref_normalize(x, None, b, rm, invstd)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", CASES[::2], ids=case_id)
+def test_backward(case, train, gen):
+    shape, dtype, name = case
+    x = layout(randn(shape, gen, dtype, offset=-2.0), name)
+    dy = randn(shape, gen, dtype)  # contiguous, whatever x's layout
+    w, _ = params(shape[1], gen, dtype)
+    _, mean, invstd = OPS.batch_norm_train_forward(x, w, None, EPS)
+    dx_ref, dw_ref, db_ref = ref_backward(dy, x, w, mean, invstd, train)
+    dx, dw, db = OPS.batch_norm_backward(dy, x, w, mean, invstd, train, EPS, [True, True, True])
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=output_format(x))
+    assert dw.dtype == db.dtype == w.dtype and dw.device == db.device == x.device
+    assert rel_err(dx, dx_ref) <= TOL[dtype]
+    assert rel_err(dw, dw_ref) <= max(TOL[dtype], 1e-6)
+    assert rel_err(db, db_ref) <= max(TOL[dtype], 1e-6)
+
+
+@pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=3)))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_backward_output_mask(mask, train, gen):
+    x = randn((4, 5, 3, 3), gen)
+    dy = randn((4, 5, 3, 3), gen)
+    w, _ = params(5, gen, torch.float32)
+    _, mean, invstd = OPS.batch_norm_train_forward(x, w, None, EPS)
+    full = OPS.batch_norm_backward(dy, x, w, mean, invstd, train, EPS, [True, True, True])
+    out = OPS.batch_norm_backward(dy, x, w, mean, invstd, train, EPS, list(mask))
+    for wanted, got, ref in zip(mask, out, full):
+        if wanted:
+            assert torch.equal(got, ref)
+        else:
+            assert got.shape == (0,)
+    no_weight = OPS.batch_norm_backward(dy, x, None, mean, invstd, train, EPS, list(mask))
+    assert no_weight[1].shape == (0,) and no_weight[2].shape == (0,)
+    if mask[0]:
+        ref = ref_backward(dy, x, None, mean, invstd, train)[0]
+        assert rel_err(no_weight[0], ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("case", CASES[1::3], ids=case_id)
+def test_decomposed_match_fused(case, gen):
+    """collect_stats/elementwise/backward_reduce/backward_elementwise == the fused ops, bit for bit."""
+    shape, dtype, name = case
+    x = layout(randn(shape, gen, dtype, offset=5.0), name)
+    dy = layout(randn(shape, gen, dtype), name)
+    w, b = params(shape[1], gen, dtype)
+    y, save_mean, save_invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+
+    mean, m2, count = OPS.batch_norm_collect_stats(x)
+    assert torch.equal(mean, save_mean)
+    assert torch.equal(count, torch.full_like(mean, x.numel() // shape[1]))
+    assert rel_err(m2, ref_stats(x)[1]) <= (1e-5 if dtype in HALF else 1e-12)
+    assert torch.allclose(torch.rsqrt(m2 / count + EPS), save_invstd, rtol=1e-6 if dtype in HALF else 1e-14)
+    assert torch.equal(OPS.batch_norm_elementwise(x, w, b, save_mean, save_invstd), y)
+
+    dx, dw, db = OPS.batch_norm_backward(dy, x, w, save_mean, save_invstd, True, EPS, [True, True, True])
+    sum_dy, sum_dy_xmu = OPS.batch_norm_backward_reduce(dy, x, save_mean, save_invstd)
+    assert sum_dy.dtype == sum_dy_xmu.dtype == stats_dtype(dtype)
+    assert torch.equal(sum_dy.to(w.dtype), db)
+    assert torch.equal((sum_dy_xmu * save_invstd).to(w.dtype), dw)
+    assert torch.equal(OPS.batch_norm_backward_elementwise(dy, x, save_mean, save_invstd, w, sum_dy, sum_dy_xmu,
+                                                           count), dx)
+    # count as a single value (also on the CPU), broadcast to every channel
+    assert torch.equal(OPS.batch_norm_backward_elementwise(dy, x, save_mean, save_invstd, w, sum_dy, sum_dy_xmu,
+                                                           count[:1]), dx)
+    assert torch.equal(OPS.batch_norm_backward_elementwise(dy, x, save_mean, save_invstd, w, sum_dy, sum_dy_xmu,
+                                                           count[0].cpu()), dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_vector_and_element_paths_agree(dtype, name, gen):
+    """The same values 16-byte aligned (vector loads) and misaligned (one element at a time)."""
+    x = layout(randn((6, 16, 8, 8), gen, dtype, offset=1.0), name)
+    dy = layout(randn((6, 16, 8, 8), gen, dtype), name)
+    w, b = params(16, gen, dtype)
+    # a misaligned copy in the same memory format
+    flat = torch.empty(x.numel() + 8, dtype=dtype, device=DEV)
+    xm = flat[1:1 + x.numel()].as_strided(x.shape, x.stride())
+    xm.copy_(x)
+    assert xm.data_ptr() % 16 != 0 and xm.is_contiguous(memory_format=output_format(x))
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    ym, mean_m, invstd_m = OPS.batch_norm_train_forward(xm, w, b, EPS)
+    assert rel_err(ym, y) <= TOL[dtype] and rel_err(mean_m, mean) <= 1e-6 and rel_err(invstd_m, invstd) <= 1e-6
+    dx = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, False, False])[0]
+    dxm = OPS.batch_norm_backward(dy, xm, w, mean, invstd, True, EPS, [True, False, False])[0]
+    assert rel_err(dxm, dx) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_merge_stats(dtype, gen):
+    channels = 6
+    parts = [randn((n, channels, 3), gen, offset=100.0 * g) for g, n in enumerate([5, 0, 9, 2])]
+    stats = [OPS.batch_norm_collect_stats(p) for p in parts]
+    mean, m2, count = (torch.stack([s[i] for s in stats]).to(dtype) for i in range(3))
+    merged = OPS.batch_norm_merge_stats(mean, m2, count)
+    whole_mean, whole_m2, whole_count = ref_stats(torch.cat(parts))
+    assert all(t.dtype == dtype and t.shape == (channels,) and t.device == mean.device for t in merged)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert torch.allclose(merged[0].double(), whole_mean, rtol=rtol, atol=0)
+    assert torch.allclose(merged[1].double(), whole_m2, rtol=10 * rtol, atol=0)
+    assert torch.equal(merged[2].double(), torch.full((channels,), float(whole_count), dtype=torch.float64, device=DEV))
+    one = OPS.batch_norm_merge_stats(mean[:1], m2[:1], count[:1])
+    assert all(torch.equal(a, b[0]) for a, b in zip(one, (mean, m2, count)))
+    # the CPU kernel folds the same groups in the same order
+    cpu = OPS.batch_norm_merge_stats(mean.cpu(), m2.cpu(), count.cpu())
+    assert all(torch.allclose(a.cpu(), c, rtol=1e-14, atol=0) for a, c in zip(merged, cpu))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0), (0, 5), (4, 0, 3)])
+def test_empty_batch(shape, gen):
+    x = torch.empty(shape, device=DEV)
+    w, b = params(shape[1], gen, torch.float32)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    assert y.shape == shape and mean.eq(0).all() and torch.allclose(invstd, torch.full_like(invstd, EPS ** -0.5))
+    mean, m2, count = OPS.batch_norm_collect_stats(x)
+    assert mean.eq(0).all() and m2.eq(0).all() and count.eq(0).all()
+    dx, dw, db = OPS.batch_norm_backward(x, x, w, mean, invstd, True, EPS, [True, True, True])
+    assert dx.shape == shape and dw.eq(0).all() and db.eq(0).all()
+    assert OPS.batch_norm_eval_forward(x, w, b, mean.float(), invstd.float(), EPS).shape == shape
+    sum_dy, sum_dy_xmu = OPS.batch_norm_backward_reduce(x, x, mean, invstd)
+    assert sum_dy.eq(0).all() and sum_dy_xmu.eq(0).all()
+    assert OPS.batch_norm_backward_elementwise(x, x, mean, invstd, w, sum_dy, sum_dy_xmu, count).shape == shape
+
+
+def test_errors():
+    x = torch.randn(4, 3, 2, device=DEV)
+    with pytest.raises(RuntimeError, match="spatial dims"):
+        OPS.batch_norm_train_forward(torch.randn(5, device=DEV), None, None, EPS)
+    with pytest.raises(RuntimeError, match="weight must have 3 elements"):
+        OPS.batch_norm_train_forward(x, torch.ones(4, device=DEV), None, EPS)
+    with pytest.raises(RuntimeError, match="input's shape"):
+        OPS.batch_norm_backward_reduce(torch.randn(4, 3, 3, device=DEV), x, torch.zeros(3, device=DEV),
+                                       torch.ones(3, device=DEV))
+    with pytest.raises(RuntimeError, match="device"):
+        OPS.batch_norm_backward_reduce(x.cpu(), x, torch.zeros(3, device=DEV), torch.ones(3, device=DEV))
+    with pytest.raises(RuntimeError):
+        OPS.batch_norm_train_forward(x.int(), None, None, EPS)
+
+
+# ---------------------------------------------------------------------------
+# CUDA against the CPU kernels of the same ops
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES[::5], ids=case_id)
+def test_matches_cpu_ops(case, gen):
+    shape, dtype, name = case
+    x = layout(randn(shape, gen, dtype, offset=1.0), name)
+    dy = randn(shape, gen, dtype)
+    w, b = params(shape[1], gen, dtype)
+    tol = max(TOL[dtype], 1e-9)
+    gpu = OPS.batch_norm_train_forward(x, w, b, EPS)
+    cpu = OPS.batch_norm_train_forward(x.cpu(), w.cpu(), b.cpu(), EPS)
+    for g, c in zip(gpu, cpu):
+        assert g.dtype == c.dtype and g.shape == c.shape and g.stride() == c.stride()
+        assert rel_err(g.cpu(), c) <= tol
+    grads_gpu = OPS.batch_norm_backward(dy, x, w, cpu[1].to(DEV), cpu[2].to(DEV), True, EPS, [True, True, True])
+    grads_cpu = OPS.batch_norm_backward(dy.cpu(), x.cpu(), w.cpu(), cpu[1], cpu[2], True, EPS, [True, True, True])
+    for g, c in zip(grads_gpu, grads_cpu):
+        assert g.dtype == c.dtype and g.shape == c.shape
+        assert rel_err(g.cpu(), c) <= 4 * tol
+    for g, c in zip(OPS.batch_norm_collect_stats(x), OPS.batch_norm_collect_stats(x.cpu())):
+        assert g.dtype == c.dtype and rel_err(g.cpu(), c) <= 1e-6
+
+
+# ---------------------------------------------------------------------------
+# The modules against nn.BatchNorm*d on CUDA (cuDNN where it applies)
+# ---------------------------------------------------------------------------
+
+MODULE_CASES = [(kind, dtype, name) for kind in ["1d", "2d", "3d"] for dtype in DTYPES
+                for name in ["contiguous", "channels_last", "noncontiguous"]]
+KINDS = {"1d": (bnm.BatchNorm1d, nn.BatchNorm1d, [(16, 12), (8, 5, 33)]),
+         "2d": (bnm.BatchNorm2d, nn.BatchNorm2d, [(8, 3, 7, 9), (4, 64, 14, 14), (2, 1000, 3, 3)]),
+         "3d": (bnm.BatchNorm3d, nn.BatchNorm3d, [(2, 8, 4, 6, 5)])}
+# ours and nn.BatchNorm*d (two correct implementations) against each other
+MODULE_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("kind,dtype,name", MODULE_CASES, ids=[f"{k}-{str(d)[6:]}-{n}" for k, d, n in MODULE_CASES])
+def test_modules_match_nn(kind, dtype, name, affine, gen):
+    ours_cls, nn_cls, shapes = KINDS[kind]
+    for shape in shapes:
+        channels = shape[1]
+        pdt = param_dtype(dtype)
+        ours = ours_cls(channels, affine=affine, backend="cpp", device=DEV, dtype=pdt)
+        ref = nn_cls(channels, affine=affine, device=DEV, dtype=pdt)
+        with torch.no_grad():
+            if affine:
+                ours.weight.copy_(randn(channels, gen, pdt, 1.0, 0.2))
+                ours.bias.copy_(randn(channels, gen, pdt))
+            ours.running_var.copy_(randn(channels, gen, pdt).abs() + 0.5)
+        ref.load_state_dict(ours.state_dict())
+        tol = MODULE_TOL[dtype]
+        for training in (True, True, False):  # two steps: the running stats move twice
+            ours.train(training)
+            ref.train(training)
+            x = layout(randn(shape, gen, dtype, offset=0.5, scale=2.0), name)
+            dy = randn(shape, gen, dtype)
+            outs = []
+            for module in (ours, ref):
+                xg = x.detach().requires_grad_()
+                y = module(xg)
+                y.backward(dy)
+                grads = [xg.grad] + ([module.weight.grad, module.bias.grad] if affine else [])
+                outs.append((y.detach(), grads))
+                module.zero_grad(set_to_none=True)
+            (y_o, g_o), (y_r, g_r) = outs
+            assert y_o.dtype == y_r.dtype and formats_of(y_o) == formats_of(y_r)
+            assert rel_err(y_o, y_r) <= tol
+            for a, r in zip(g_o, g_r):
+                assert a.dtype == r.dtype and rel_err(a, r) <= 4 * tol
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            a, r = ours.state_dict()[key], ref.state_dict()[key]
+            assert a.dtype == r.dtype and rel_err(a, r) <= max(tol, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_resnet50_shapes_match_nn(dtype, name, gen):
+    """The four stage shapes of ResNet-50 at batch 16, one train step each."""
+    for channels, size in [(64, 56), (128, 28), (256, 14), (2048, 7)]:
+        shape = (16, channels, size, size)
+        ours = bnm.BatchNorm2d(channels, backend="cpp", device=DEV)
+        ref = nn.BatchNorm2d(channels, device=DEV)
+        x = layout(randn(shape, gen, dtype), name).requires_grad_()
+        xr = x.detach().clone().requires_grad_()
+        dy = layout(randn(shape, gen, dtype), name)
+        y, yr = ours(x), ref(xr)
+        y.backward(dy)
+        yr.backward(dy)
+        assert rel_err(y, yr) <= MODULE_TOL[dtype]
+        assert rel_err(x.grad, xr.grad) <= 4 * MODULE_TOL[dtype]
+        assert rel_err(ours.weight.grad, ref.weight.grad) <= 4 * MODULE_TOL[dtype]
+        assert rel_err(ours.running_var, ref.running_var) <= 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Autograd, opcheck, torch.compile
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_gradcheck(train, affine, name, gen):
+    x = layout(randn((3, 4, 3, 2), gen, torch.float64), name).requires_grad_()
+    w, b = (t.requires_grad_() for t in params(4, gen, torch.float64))
+    rm, rv = randn(4, gen, torch.float64), randn(4, gen, torch.float64).abs() + 0.5
+    inputs = (x, w, b) if affine else (x,)
+
+    def fn(x, w=None, b=None):
+        if train:
+            return ops.train_forward(x, w, b, EPS)[0]
+        return ops.eval_forward(x, w, b, rm, rv, EPS)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradcheck_module(gen):
+    module = bnm.BatchNorm2d(3, backend="cpp", device=DEV, dtype=torch.float64)
+    x = randn((4, 3, 2, 3), gen, torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(module, (x,))
+    assert torch.autograd.gradgradcheck(module, (x,))
+
+
+def opcheck_samples():
+    gen = torch.Generator().manual_seed(4321)
+    samples = []
+    for shape, dtype, name, grad, affine in [
+        ((3, 4, 5, 6), torch.float32, "contiguous", False, True),
+        ((3, 8, 5, 6), torch.float64, "channels_last", True, True),
+        ((5, 3, 7), torch.bfloat16, "contiguous", False, True),
+        ((2, 8, 2, 3, 4), torch.float16, "channels_last", False, False),
+        ((9, 5), torch.float32, "contiguous", True, False),
+        ((2, 3, 4, 5), torch.float32, "noncontiguous", True, True),
+    ]:
+        x = layout(randn(shape, gen, dtype), name)
+        dy = randn(shape, gen, dtype)
+        w, b = params(shape[1], gen, dtype) if affine else (None, None)
+        _, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+        rm, rv = mean.to(param_dtype(dtype)), (invstd ** -2).to(param_dtype(dtype))
+        sum_dy, sum_dy_xmu = OPS.batch_norm_backward_reduce(dy, x, mean, invstd)
+        count = torch.tensor(float(x.numel() // shape[1]), dtype=stats_dtype(dtype), device=DEV)
+        if grad:
+            x = x.detach().requires_grad_()
+            w = w.requires_grad_() if w is not None else None
+            b = b.requires_grad_() if b is not None else None
+        tag = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}{'-grad' if grad else ''}"
+        samples += [
+            ("train_forward", tag, (x, w, b, EPS)),
+            ("eval_forward", tag, (x, w, b, rm, rv, EPS)),
+            ("backward", tag, (dy, x, w, mean, invstd, True, EPS, [True, True, True])),
+            ("backward", tag + "-eval-mask", (dy, x, w, mean, invstd, False, EPS, [True, False, True])),
+            ("collect_stats", tag, (x,)),
+            ("elementwise", tag, (x, w, b, mean, invstd)),
+            ("backward_reduce", tag, (dy, x, mean, invstd)),
+            ("backward_elementwise", tag, (dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)),
+        ]
+    for dtype, groups in [(torch.float64, 3), (torch.float32, 1)]:
+        mean = randn((groups, 4), gen, dtype)
+        m2 = randn((groups, 4), gen, dtype).abs()
+        count = torch.tensor([[5.0], [0.0], [7.0]][:groups], dtype=dtype, device=DEV).expand(groups, 4).contiguous()
+        samples.append(("merge_stats", f"{groups}x4-{str(dtype)[6:]}", (mean, m2, count)))
+    return samples
+
+
+OPCHECK_SAMPLES = opcheck_samples()
+
+
+@pytest.mark.parametrize("op,tag,args", OPCHECK_SAMPLES, ids=[f"{s[0]}-{s[1]}" for s in OPCHECK_SAMPLES])
+def test_opcheck(op, tag, args):
+    torch.library.opcheck(getattr(OPS, "batch_norm_" + op), args)
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), bnm.BatchNorm2d(16, backend="cpp"), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), bnm.BatchNorm2d(16, momentum=None, backend="cpp"), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 8 * 8, 10), bnm.BatchNorm1d(10, backend="cpp")).to(DEV)
+
+
+def _has_triton():
+    try:
+        import triton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_compile_conv_net(compiler, fmt, gen):
+    if compiler == "inductor" and not _has_triton():
+        pytest.skip("inductor on CUDA needs triton")
+    torch._dynamo.reset()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions would differ by algorithm choice
+    try:
+        _compare_compiled(compiler, fmt, gen)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _compare_compiled(compiler, fmt, gen):
+    eager = _conv_net().to(memory_format=fmt)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True, backend=compiler)
+    inputs = [randn((8, 3, 8, 8), gen).contiguous(memory_format=fmt) for _ in range(3)]
+    for module in (eager, compiled):
+        module.train()
+    for x in inputs:
+        out_e, out_c = eager(x), compiled(x)
+        out_e.square().mean().backward()
+        out_c.square().mean().backward()
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-5)
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled_module.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, a), (_, b) in zip(eager.state_dict().items(), compiled_module.state_dict().items()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    eager.eval()
+    compiled.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(inputs[0]), eager(inputs[0]), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# docs/architecture.md: accuracy bar, determinism
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(8, 16, 32, 32), (64, 3, 56, 56), (512, 40, 1, 1)])
+def test_accuracy_large_offset(shape, offset, name, gen):
+    """float32 input offset + N(0, 1): |y - y64|, |dx - dx64| <= 1e-5 in absolute terms."""
+    x = layout(randn(shape, gen, torch.float32, offset=offset), name)
+    w, b = params(shape[1], gen, torch.float32)
+    dy = layout(randn(shape, gen, torch.float32), name)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    y_ref, mean_ref, invstd_ref = ref_train_forward(x, w, b)
+    assert (y.double() - y_ref).abs().max().item() <= 1e-5
+    assert (mean - mean_ref).abs().max().item() <= 1e-9 * offset
+    dx, _, _ = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, False, False])
+    dx_ref, _, _ = ref_backward(dy, x, w, mean_ref, invstd_ref, True)
+    assert (dx.double() - dx_ref).abs().max().item() <= 1e-5
+    xg = x.clone().requires_grad_()
+    ops.train_forward(xg, w, b, EPS)[0].backward(dy)
+    assert (xg.grad.double() - dx_ref).abs().max().item() <= 1e-5
+    # the module: nn.BatchNorm2d's own float32 statistics are far off here; ours are not
+    module = bnm.BatchNorm2d(shape[1], backend="cpp", device=DEV)
+    xm = x.clone().requires_grad_()
+    module(xm).backward(dy)
+    dx_plain, _, _ = ref_backward(dy, x, None, mean_ref, invstd_ref, True)
+    assert (xm.grad.double() - dx_plain).abs().max().item() <= 1e-5
+
+
+def _run_all(x, dy, w, b):
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    grads = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True])
+    return (y, mean, invstd) + tuple(grads) + tuple(OPS.batch_norm_collect_stats(x)) \
+        + tuple(OPS.batch_norm_backward_reduce(dy, x, mean, invstd))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,name", [((32, 64, 28, 28), "contiguous"), ((32, 64, 28, 28), "channels_last"),
+                                        ((4, 3, 300, 300), "contiguous"), ((200000, 8), "contiguous"),
+                                        ((16, 2048, 7, 7), "contiguous"), ((16, 2048, 7, 7), "channels_last")])
+def test_deterministic(shape, name, dtype, gen):
+    """Bit-identical results run after run: a fixed reduction tree, no atomics."""
+    x = layout(randn(shape, gen, dtype, offset=1.0), name)
+    dy = layout(randn(shape, gen, dtype), name)
+    w, b = params(shape[1], gen, dtype)
+    first = _run_all(x, dy, w, b)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, _run_all(x, dy, w, b)))
+
+
+# ---------------------------------------------------------------------------
+# Sizes: odd channel counts, large M, more than 2^31 elements
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,name", [((256, 3, 224, 224), "contiguous"), ((256, 3, 224, 224), "channels_last"),
+                                        ((1, 1, 4096, 4096), "contiguous"), ((2, 1000, 5, 5), "channels_last"),
+                                        ((3, 1000, 7, 7), "contiguous"), ((2, 1001, 3, 3), "channels_last"),
+                                        ((1 << 22, 3), "contiguous"), ((2, 5, 3), "contiguous")])
+def test_odd_channels_and_large_m(shape, name, gen):
+    x = layout(randn(shape, gen, torch.float32, offset=2.0), name)
+    dy = layout(randn(shape, gen, torch.float32), name)
+    w, b = params(shape[1], gen, torch.float32)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    y_ref, mean_ref, invstd_ref = ref_train_forward(x, w, b)
+    assert rel_err(y, y_ref) <= TOL[torch.float32]
+    assert rel_err(mean, mean_ref) <= 1e-13 and rel_err(invstd, invstd_ref) <= 1e-11
+    dx, dw, db = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True])
+    dx_ref, dw_ref, db_ref = ref_backward(dy, x, w, mean, invstd, True)
+    assert rel_err(dx, dx_ref) <= TOL[torch.float32]
+    assert rel_err(dw, dw_ref) <= 1e-6 and rel_err(db, db_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype,name,spatial", [(torch.float16, "contiguous", (8191, 8209)),
+                                                (torch.bfloat16, "channels_last", (8192, 8200))])
+def test_more_than_2_31_elements(dtype, name, spatial, gen):
+    """Train forward and backward of a tensor with more than 2^31 elements.
+
+    The batch repeats one random sample, so the statistics and the gradient of
+    the big tensor are those of the sample: every slice of the outputs, the
+    last one (beyond element 2^31) included, must equal the sample's float64
+    result.  The odd spatial size forces single-element access, whose flat
+    index then goes past 2^31 (64-bit index path).
+    """
+    channels = 4
+    shape = (8, channels) + spatial
+    numel = 1
+    for s in shape:
+        numel *= s
+    assert numel > 2**31
+    # x, dy, y, dx, plus the float64 references of one sample (numel / 8 values each)
+    need = 4 * numel * 2 + 12 * (numel // 8) * 8 + (1 << 30)
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    sample = randn((1, channels) + spatial, gen, dtype, offset=0.5)
+    grad_sample = randn((1, channels) + spatial, gen, dtype)
+    x = layout(sample.expand(shape), name)
+    dy = layout(grad_sample.expand(shape), name)
+    w, b = params(channels, gen, dtype)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    dx, dw, db = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True])
+    torch.cuda.synchronize()
+    assert y.is_contiguous(memory_format=output_format(x)) and dx.is_contiguous(memory_format=output_format(x))
+    y_ref, mean_ref, invstd_ref = ref_train_forward(sample, w, b)
+    dx_ref, dw_ref, db_ref = ref_backward(grad_sample, sample, w, mean_ref, invstd_ref, True)
+    assert rel_err(mean, mean_ref) <= 1e-5 and rel_err(invstd, invstd_ref) <= 1e-5
+    for n in (0, shape[0] // 2, shape[0] - 1):
+        assert rel_err(y[n:n + 1], y_ref) <= TOL[dtype]
+        assert rel_err(dx[n:n + 1], dx_ref) <= 4 * TOL[dtype]
+    assert rel_err(dw, dw_ref * shape[0]) <= 1e-4 and rel_err(db, db_ref * shape[0]) <= 1e-4
+    del x, dy, y, dx
+    torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# Streams and devices
+# ---------------------------------------------------------------------------
+
+def test_current_stream(gen):
+    """The kernels run on the caller's current stream."""
+    x = randn((64, 32, 16, 16), gen, offset=1.0)
+    dy = randn((64, 32, 16, 16), gen)
+    w, b = params(32, gen, torch.float32)
+    expected = _run_all(x, dy, w, b)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # The inputs are written on the side stream only after a long sleep:
+        # kernels launched on any other stream would read them too early.
+        torch.cuda._sleep(50_000_000)
+        xs, dys = x * 1, dy * 1
+        got = _run_all(xs, dys, w, b)
+    stream.synchronize()
+    assert all(torch.equal(a, e) for a, e in zip(got, expected))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device(gen):
+    """Tensors on cuda:1 while cuda:0 is current: the device guard picks cuda:1."""
+    x = randn((8, 16, 9, 9), gen, offset=1.0)
+    dy = randn((8, 16, 9, 9), gen)
+    w, b = params(16, gen, torch.float32)
+    on0 = _run_all(x, dy, w, b)
+    with torch.cuda.device(0):
+        on1 = _run_all(x.to("cuda:1"), dy.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"))
+    for a, c in zip(on0, on1):
+        assert c.device == torch.device("cuda:1")
+        assert rel_err(c.to(DEV), a) <= 1e-6
+
+
+# ---------------------------------------------------------------------------
+# compute-sanitizer
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
+def test_compute_sanitizer(tool):
+    """No out-of-bounds or misaligned access, shared-memory race, or read of
+    uninitialized memory in any kernel (tests/cuda_memcheck_script.py runs them all)."""
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+        candidate = os.path.join(cuda_home, "bin", "compute-sanitizer")
+        sanitizer = candidate if os.path.exists(candidate) else None
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not on PATH")
+    env = dict(os.environ)
+    env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # every tensor its own allocation: overruns show
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, env.get("PYTHONPATH", "")] if p)
+    script = os.path.join(REPO, "tests", "cuda_memcheck_script.py")
+    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "86", sys.executable, script]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    report = (result.stdout + result.stderr)[-6000:]
+    assert result.returncode == 0, report
+    assert "cuda_memcheck_script: ok" in result.stdout, report
