@@ -1,14 +1,16 @@
 // Grid shape of the reductions (statistics and backward sums).
 //
-// The aim is one full wave of blocks, each reducing a long slice:
-//   contiguous (N, C, L): grid (C, splits), splits = ceil(wave / C), so a few
-//     channels with huge N * L are cut into many slices and many channels
-//     with small N * L get one block each;
-//   channels-last (M, C): grid (column tiles, splits) with the rows cut into
+// Blocks of one reduction do equal work, so the grid should fill whole waves
+// (a wave: multiprocessors x resident blocks of the kernel):
+//   contiguous (N, C, L): grid (C, splits), each channel's N * L values cut
+//     into `splits` slices, so a few channels with huge N * L are spread over
+//     many blocks and many channels get a block each;
+//   channels-last (M, C): grid (column tiles, splits), the rows cut into
 //     `splits` ranges, so small C with huge M fills the device too.
-// A slice is never shorter than two chunks per thread, and splits never
-// exceeds the grid's y limit.  The shape depends only on the geometry and the
-// device, which keeps the reduction order, and so the bits, fixed.
+// choose_splits picks the number of slices whose grid wastes the least of its
+// last wave.  A slice is never shorter than two chunks per thread, and splits
+// never exceeds the grid's y limit.  The shape depends only on the geometry
+// and the device, which keeps the reduction order, and so the bits, fixed.
 #pragma once
 
 #include <algorithm>
@@ -29,6 +31,24 @@ template <int VEC>
 constexpr int kChunkVectors = VEC >= 4 ? 4 : 16 / VEC;
 template <int VEC>
 constexpr int kChunkRows = VEC >= 4 ? 4 : 16 / VEC;
+
+// Slices per tile for `tiles` tiles: the count, up to four waves' worth, with
+// the largest share of busy block slots over the waves the grid occupies
+// (blocks / (waves * wave)); among equals the smallest.  At most `useful`.
+inline int64_t choose_splits(int64_t tiles, int64_t wave, int64_t useful) {
+  const int64_t most = std::max<int64_t>(1, std::min({ceil_div(4 * wave, tiles), useful, kMaxGridY}));
+  int64_t best = 1;
+  double best_share = 0.0;
+  for (int64_t s = 1; s <= most; ++s) {
+    const int64_t blocks = tiles * s;
+    const double share = double(blocks) / double(ceil_div(blocks, wave) * wave);
+    if (share > best_share + 1e-9) {
+      best_share = share;
+      best = s;
+    }
+  }
+  return best;
+}
 
 // kNcl / kNlc: the two bulk kernels of the pass (for their occupancy).
 template <auto kNcl, auto kNlc, int VEC>
@@ -57,7 +77,7 @@ ReducePlan reduce_plan(const Geometry& g) {
   const int64_t wave = g.channels_last ? full_wave_blocks<kNlc>(kThreads, g.device)
                                        : full_wave_blocks<kNcl>(kThreads, g.device);
   const int64_t useful = std::max<int64_t>(1, ceil_div(work, min_per_block));
-  const int64_t splits = std::max<int64_t>(1, std::min({ceil_div(wave, tiles), useful, kMaxGridY}));
+  const int64_t splits = choose_splits(tiles, wave, useful);
   plan.per_split = ceil_div(work, splits);
   plan.splits = ceil_div(work, plan.per_split);
   plan.grid_x = static_cast<unsigned>(tiles);
