@@ -42,8 +42,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     "$VENV/bin/python" -m pip install -q "${missing[@]}"
 fi
-"$VENV/bin/python" -c "import torch, sys; print('   torch', torch.__version__, 'CUDA', torch.version.cuda); sys.exit(torch.version.cuda is None)" \
-    || fail "the torch in $VENV is not a CUDA build"
+"$VENV/bin/python" -c "import sys, torch
+print('   torch', torch.__version__, 'CUDA', torch.version.cuda)
+sys.exit(torch.version.cuda is None)" || fail "the torch in $VENV is not a CUDA build"
 [ -x "$CUDA_HOME/bin/nvcc" ] || fail "no nvcc at $CUDA_HOME/bin/nvcc (set CUDA_HOME)"
 echo "   $("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1)"
 

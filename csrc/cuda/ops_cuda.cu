@@ -202,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     return {grad_input, grad_weight, grad_bias};
   }
   const at::Tensor dy = dense_like(grad_output, d);
-  d.g.vec = vector_width(d, {d.t.const_data_ptr(), dy.const_data_ptr(), need_gi ? grad_input.const_data_ptr() : nullptr});
+  d.g.vec = vector_width(d, {d.t.const_data_ptr(), dy.const_data_ptr(),
+                             need_gi ? grad_input.const_data_ptr() : nullptr});
   at::Tensor params = need_gi ? params_buffer(C, input) : at::Tensor();
   const cudaStream_t stream = current_stream();
   if (need_sums) {

@@ -59,7 +59,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < U; ++u) {
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) d[u * VEC + k] = u < loaded ? static_cast<st>(to_compute(pack[u].v[k])) - shift : st(0);
+      for (int k = 0; k < VEC; ++k) {
+        d[u * VEC + k] = u < loaded ? static_cast<st>(to_compute(pack[u].v[k])) - shift : st(0);
+      }
     }
     state = welford_merge(state, chunk_state<st, U * VEC>(d, loaded * VEC));
   }
