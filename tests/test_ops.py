@@ -289,6 +289,23 @@ def test_accuracy_large_offset(offset, name, gen):
     assert (xg.grad.double() - dx_ref).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("shape,name", [((2, 5, 701, 1201), "contiguous"), ((2, 5, 701, 1201), "channels_last"),
+                                        ((4100, 1027), "contiguous")], ids=["nchw", "nhwc", "nc"])
+def test_large_outputs(shape, name, gen):
+    """Outputs of 16 MiB and more leave through non-temporal stores, from unaligned starts too."""
+    x = layout(randn(shape, gen, torch.float32, offset=10.0), name)
+    dy = layout(randn(shape, gen, torch.float32), name)
+    w, b = params(shape[1], gen, torch.float32)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
+    y_ref, mean_ref, invstd_ref = ref_train_forward(x, w, b)
+    assert (y.double() - y_ref).abs().max().item() <= 1e-5
+    dx, dw, db = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True])
+    dx_ref, _, _ = ref_backward(dy, x, w, mean_ref, invstd_ref, True)
+    assert (dx.double() - dx_ref).abs().max().item() <= 1e-5
+    dx_eval, _, _ = OPS.batch_norm_backward(dy, x, w, mean, invstd, False, EPS, [True, False, False])
+    assert (dx_eval.double() - dy.double() * bcast(w.double() * invstd, x)).abs().max().item() <= 1e-5
+
+
 def _run_all(x, dy, w, b):
     y, mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)
     grads = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True])

@@ -2,17 +2,20 @@
 // where the layout allows), backward_reduce (the sums) and
 // backward_elementwise (grad_input from given sums).
 //
-//   sum_dy     = Σ dy                 sum_dy_xmu = Σ dy·(x - mean)       (double)
+//   sum_dy     = Σ dy                 sum_dy_xmu = Σ dy·(x - mean)
 //   grad_input = a·dy + k·(x - mean) + cst     (coefficients.h; eval: a·dy)
 //   grad_weight = sum_dy_xmu · invstd,  grad_bias = sum_dy
+// The sums are accumulated in double; opmath_t (float for float input) only
+// holds partial sums of kPartial terms (loops.h).
 //
 // Passes over memory (training):
-//   NCL  per channel: one reduction read of x and dy, then the grad_input
-//        pass over the same channel while it is (mostly) still in L2;
-//   NLC  one reduction pass over x and dy, then the grad_input pass, each
-//        thread walking its rows backwards to start from what is in cache.
-// Sums use the fixed blocks/tasks of loops.h, so they are independent of the
-// thread count.
+//   NCL  per channel (whole channels per thread): one reduction read of x and
+//        dy, then the grad_input pass over the same channel, last runs first,
+//        while it is mostly still in L2;
+//   NLC  one reduction pass over x and dy, then the grad_input pass.
+// Outputs of 16 MiB and more are written with non-temporal stores. Sums use
+// the fixed blocks/tasks of loops.h, so they are independent of the thread
+// count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -33,33 +36,47 @@ struct SumPair {
   double dy = 0.0, dyx = 0.0;
 };
 
+// Σ dy·(x - mean) = Σ dy·(x - mh) - (mean - mh)·Σ dy, mh = mean in opmath_t.
+template <typename op_t>
+inline SumPair with_mean_lo(SumPair s, double mean, op_t mh) {
+  s.dyx -= (mean - static_cast<double>(mh)) * s.dy;
+  return s;
+}
+
+// Σ dy and Σ dy·(x - mh) over one NCL block.
 template <typename T>
-SumPair ncl_block_sums(const T* x, const T* dy, const View& v, int64_t c, const NclRange& r, double mean) {
-  Sum4 sdy, sdyx;
+SumPair ncl_block_sums(const T* x, const T* dy, const View& v, int64_t c, const NclRange& r, opmath_t<T> mh) {
+  Sum4 sdy, sdyt;
   for (int64_t n = r.n0; n < r.n1; ++n) {
     const int64_t off = (n * v.C + c) * v.L + r.l0;
-    add_dy_dyxmu(x + off, dy + off, r.l1 - r.l0, mean, sdy, sdyx);
+    add_dy_dyt(x + off, dy + off, r.l1 - r.l0, mh, sdy, sdyt);
   }
-  return {sdy.total(), sdyx.total()};
+  return {sdy.total(), sdyt.total()};
 }
 
 // One NCL channel: block sums added in block order.
 template <typename T>
 SumPair ncl_channel_sums(const T* x, const T* dy, const View& v, int64_t c, double mean) {
+  const auto mh = static_cast<opmath_t<T>>(mean);
   const NclBlocks b = ncl_blocks(v);
   SumPair s;
   for (int64_t i = 0; i < b.count(); ++i) {
-    const SumPair p = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i), mean);
+    const SumPair p = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i), mh);
     s.dy += p.dy;
     s.dyx += p.dyx;
   }
-  return s;
+  return with_mean_lo(s, mean, mh);
 }
 
 // Every channel, in parallel.
 template <typename T>
 void channel_sums(const T* x, const T* dy, const View& v, const std::vector<double>& mean, std::vector<SumPair>& out) {
+  using op_t = opmath_t<T>;
   const int64_t C = v.C;
+  std::vector<op_t> mh(C);
+  for (int64_t c = 0; c < C; ++c) {
+    mh[c] = static_cast<op_t>(mean[c]);
+  }
   if (!v.nlc && ncl_by_channel(v)) {
     at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
@@ -73,7 +90,7 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
     at::parallel_for(0, C * nb, grain_for(kNclBlock), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = i / nb;
-        blocks[i] = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i % nb), mean[c]);
+        blocks[i] = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i % nb), mh[c]);
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -82,22 +99,23 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
         s.dy += blocks[c * nb + i].dy;
         s.dyx += blocks[c * nb + i].dyx;
       }
-      out[c] = s;
+      out[c] = with_mean_lo(s, mean[c], mh[c]);
     }
   } else {
     const NlcTasks t = nlc_tasks(v);
     const int64_t M = v.M();
-    std::vector<double> t_dy(t.row_tasks * C), t_dyx(t.row_tasks * C);
+    std::vector<double> t_dy(t.row_tasks * C), t_dyt(t.row_tasks * C);
     at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
+      std::vector<op_t> pa(t.tile), pb(t.tile);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
         const int64_t width = std::min(t.tile, C - c0);
         const int64_t r0 = rt * t.task_rows, rows = std::min(M, r0 + t.task_rows) - r0;
         double* a = t_dy.data() + rt * C + c0;
-        double* q = t_dyx.data() + rt * C + c0;
+        double* q = t_dyt.data() + rt * C + c0;
         std::fill(a, a + width, 0.0);
         std::fill(q, q + width, 0.0);
-        rows_add_dy_dyxmu(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mean.data() + c0, a, q);
+        rows_add_dy_dyt(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mh.data() + c0, a, q, pa.data(), pb.data());
       }
     });
     at::parallel_for(0, C, grain_for(t.row_tasks * 4), [&](int64_t begin, int64_t end) {
@@ -105,9 +123,9 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
         SumPair s;
         for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
           s.dy += t_dy[rt * C + c];
-          s.dyx += t_dyx[rt * C + c];
+          s.dyx += t_dyt[rt * C + c];
         }
-        out[c] = s;
+        out[c] = with_mean_lo(s, mean[c], mh[c]);
       }
     });
   }
@@ -115,49 +133,48 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
 
 template <typename op_t>
 struct GradCoefs {
-  std::vector<op_t> a, k, cst, mh, ml;
-  explicit GradCoefs(int64_t C) : a(C), k(C), cst(C), mh(C), ml(C) {}
+  std::vector<op_t> a, k, cst, mh;
+  explicit GradCoefs(int64_t C) : a(C), k(C), cst(C), mh(C) {}
   void set(int64_t c, const GradCoef<op_t>& g) {
     a[c] = g.a;
     k[c] = g.k;
     cst[c] = g.cst;
     mh[c] = g.mh;
-    ml[c] = g.ml;
   }
 };
 
-// grad_input for every value; eval mode (train=false) reads only dy.
+// grad_input for every value; eval mode (train=false) reads only dy. A plain
+// forward sweep; large outputs are streamed.
 template <typename T>
 void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCoefs<opmath_t<T>>& g, bool train) {
-  const int64_t C = v.C;
-  if (v.nlc) {
-    const int64_t chunk = std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1));
-    at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r1 = end; r1 > begin; r1 -= chunk) {
-        for (int64_t r = std::max(begin, r1 - chunk); r < r1; ++r) {
-          const int64_t off = r * C;
+  const int64_t C = v.C, L = v.L;
+  with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+    constexpr bool S = decltype(stream)::value;
+    if (v.nlc) {
+      at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
+        const int64_t off = begin * C;
+        if (train) {
+          grad_rows<S>(dy + off, x + off, dx + off, C, end - begin, C, g.a.data(), g.k.data(), g.cst.data(),
+                       g.mh.data());
+        } else {
+          scale_rows<S>(dy + off, dx + off, C, end - begin, C, g.a.data());
+        }
+        stream_fence();
+      });
+    } else {
+      at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = i % C, off = i * L;
           if (train) {
-            grad_row(dy + off, x + off, dx + off, C, g.a.data(), g.k.data(), g.cst.data(), g.mh.data(),
-                     g.ml.data());
+            grad_run<S>(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c]);
           } else {
-            scale_row(dy + off, dx + off, C, g.a.data());
+            scale_run<S>(dy + off, dx + off, L, g.a[c]);
           }
         }
-      }
-    });
-  } else {
-    const int64_t L = v.L;
-    at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
-      for (int64_t i = end; i-- > begin;) {
-        const int64_t c = i % C, off = i * L;
-        if (train) {
-          grad_run(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c], g.ml[c]);
-        } else {
-          scale_run(dy + off, dx + off, L, g.a[c]);
-        }
-      }
-    });
-  }
+        stream_fence();
+      });
+    }
+  });
 }
 
 struct BackwardArgs {
@@ -173,18 +190,23 @@ void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const Bac
   using op_t = opmath_t<T>;
   const int64_t C = v.C, L = v.L;
   const double count = static_cast<double>(v.M());
-  at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      SumPair s = ncl_channel_sums(x, dy, v, c, a.mean[c]);
-      s.dy = round_to(s.dy, a.sdt);
-      s.dyx = round_to(s.dyx, a.sdt);
-      sums[c] = s;
-      const GradCoef<op_t> g = grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], s.dy, s.dyx, count, true);
-      for (int64_t n = v.N; n-- > 0;) {
-        const int64_t off = (n * C + c) * L;
-        grad_run(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh, g.ml);
+  with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+    constexpr bool S = decltype(stream)::value;
+    at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        SumPair s = ncl_channel_sums(x, dy, v, c, a.mean[c]);
+        s.dy = round_to(s.dy, a.sdt);
+        s.dyx = round_to(s.dyx, a.sdt);
+        sums[c] = s;
+        const GradCoef<op_t> g = grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], s.dy, s.dyx, count, true);
+        // Last runs first: they are the ones still in cache.
+        for (int64_t n = v.N; n-- > 0;) {
+          const int64_t off = (n * C + c) * L;
+          grad_run<S>(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh);
+        }
       }
-    }
+      stream_fence();
+    });
   });
 }
 

@@ -2,13 +2,13 @@
 // the layout allows), eval_forward and elementwise (normalize only).
 //
 // Passes over memory:
-//   train_forward NCL  one read of x per channel (two-pass statistics inside
-//                      L1-sized blocks), then the normalize pass over the same
-//                      channel, mostly from L2, writing y;
-//   train_forward NLC  a reduction pass over x (blocks reread from cache),
-//                      then a normalize pass reading x and writing y, run in
-//                      reverse so it starts with what the reduction left in cache;
+//   train_forward NCL  per channel (whole channels per thread): one read of x
+//                      for the statistics (stats.h), then the normalize pass
+//                      over the same channel, last runs first, mostly from L2;
+//   train_forward NLC  one statistics pass over x, then one normalize pass
+//                      reading x and writing y;
 //   eval / elementwise one read of x, one write of y.
+// Outputs of 16 MiB and more are written with non-temporal stores (loops.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,43 +28,38 @@ namespace {
 
 template <typename op_t>
 struct NormCoefs {
-  std::vector<op_t> mh, ml, scale, shift;
-  explicit NormCoefs(int64_t C) : mh(C), ml(C), scale(C), shift(C) {}
+  std::vector<op_t> mh, scale, shift;
+  explicit NormCoefs(int64_t C) : mh(C), scale(C), shift(C) {}
   void set(int64_t c, const NormCoef<op_t>& k) {
     mh[c] = k.mh;
-    ml[c] = k.ml;
     scale[c] = k.scale;
     shift[c] = k.shift;
   }
 };
 
-// Rows of an NLC pass handled per step when walking a thread's range backwards.
-inline int64_t nlc_chunk_rows(const View& v) {
-  return std::max<int64_t>(1, 4096 / std::max<int64_t>(v.C, 1));
-}
-
-// y for every value, given per-channel coefficients. Each thread walks its
-// range from the end: after a reduction pass that range's tail is in cache.
+// y for every value, given per-channel coefficients: a plain forward sweep
+// (what the hardware prefetchers follow best); large outputs are streamed.
 template <typename T>
 void normalize(const T* x, T* y, const View& v, const NormCoefs<opmath_t<T>>& k) {
-  if (v.nlc) {
-    const int64_t C = v.C, chunk = nlc_chunk_rows(v);
-    at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
-      for (int64_t r1 = end; r1 > begin; r1 -= chunk) {
-        for (int64_t r = std::max(begin, r1 - chunk); r < r1; ++r) {
-          normalize_row(x + r * C, y + r * C, C, k.mh.data(), k.ml.data(), k.scale.data(), k.shift.data());
+  const int64_t C = v.C, L = v.L;
+  with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+    constexpr bool S = decltype(stream)::value;
+    if (v.nlc) {
+      at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
+        normalize_rows<S>(x + begin * C, y + begin * C, C, end - begin, C, k.mh.data(), k.scale.data(),
+                          k.shift.data());
+        stream_fence();
+      });
+    } else {
+      at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = i % C;
+          normalize_run<S>(x + i * L, y + i * L, L, k.mh[c], k.scale[c], k.shift[c]);
         }
-      }
-    });
-  } else {
-    const int64_t C = v.C, L = v.L;
-    at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
-      for (int64_t i = end; i-- > begin;) {
-        const int64_t c = i % C;
-        normalize_run(x + i * L, y + i * L, L, k.mh[c], k.ml[c], k.scale[c], k.shift[c]);
-      }
-    });
-  }
+        stream_fence();
+      });
+    }
+  });
 }
 
 template <typename T>
@@ -85,14 +80,19 @@ void train_forward_kernel(const Dense& d, const std::vector<double>& w, const st
   };
   if (!v.nlc && ncl_by_channel(v)) {
     const int64_t C = v.C, L = v.L;
-    at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const NormCoef<op_t> k = finish(c, ncl_channel_state(x, v, c));
-        for (int64_t n = v.N; n-- > 0;) {
-          const int64_t off = (n * C + c) * L;
-          normalize_run(x + off, y + off, L, k.mh, k.ml, k.scale, k.shift);
+    with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+      constexpr bool S = decltype(stream)::value;
+      at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const NormCoef<op_t> k = finish(c, ncl_channel_state(x, v, c));
+          // Last runs first: they are the ones still in cache.
+          for (int64_t n = v.N; n-- > 0;) {
+            const int64_t off = (n * C + c) * L;
+            normalize_run<S>(x + off, y + off, L, k.mh, k.scale, k.shift);
+          }
         }
-      }
+        stream_fence();
+      });
     });
     return;
   }

@@ -25,6 +25,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+
+#include <c10/macros/Macros.h>
 
 #include "cpu/vec.h"
 
@@ -138,318 +141,301 @@ inline int64_t grain_for(int64_t per_item) {
 // Reductions over one contiguous run (NCL), accumulated in double
 // ---------------------------------------------------------------------------
 
+// Σ (x - shift) and Σ (x - shift)². With the shift one of the block's own
+// values, |shift - mean| <= sqrt(n)·std of the block, so turning these into
+// m2 = Σ(x-shift)² - (Σ(x-shift))²/n loses at most log10(n+1) of double's
+// 16 digits: a one-pass, well-conditioned block summary.
 template <typename T>
-inline void add_values(const T* p, int64_t n, Sum4& s) {
-  int64_t i = 0;
-  dVec d[4];
-  for (; i + 16 <= n; i += 16) {
-    load16(p + i, d);
-    s.v[0] += d[0];
-    s.v[1] += d[1];
-    s.v[2] += d[2];
-    s.v[3] += d[3];
-  }
-  for (; i < n; ++i) {
-    s.tail += static_cast<double>(p[i]);
-  }
-}
-
-// Σ (x - mean)²
-template <typename T>
-inline void add_sq_dev(const T* p, int64_t n, double mean, Sum4& s) {
-  const dVec m(mean);
+inline void add_shifted(const T* p, int64_t n, double shift, Sum4& s1, Sum4& s2) {
+  const dVec sh(shift);
   int64_t i = 0;
   dVec d[4];
   for (; i + 16 <= n; i += 16) {
     load16(p + i, d);
     for (int k = 0; k < 4; ++k) {
-      const dVec t = d[k] - m;
-      s.v[k] = at::vec::fmadd(t, t, s.v[k]);
+      const dVec t = d[k] - sh;
+      s1.v[k] += t;
+      s2.v[k] = at::vec::fmadd(t, t, s2.v[k]);
     }
   }
   for (; i < n; ++i) {
-    const double t = static_cast<double>(p[i]) - mean;
-    s.tail = std::fma(t, t, s.tail);
+    const double t = static_cast<double>(p[i]) - shift;
+    s1.tail += t;
+    s2.tail = std::fma(t, t, s2.tail);
   }
 }
 
-// Σ dy and Σ dy·(x - mean)
-template <typename T>
-inline void add_dy_dyxmu(const T* x, const T* dy, int64_t n, double mean, Sum4& sdy, Sum4& sdyx) {
-  const dVec m(mean);
+// Σ dy and Σ dy·(x - mh) with mh the mean rounded to opmath_t (the caller
+// adds -(mean - mh)·Σdy). Products and sums run in opmath_t over at most
+// kPartial terms per lane, then in double: each partial sum is exact to
+// kPartial·u of its terms, the long sum over M values never leaves double.
+constexpr int64_t kPartial = 8;
+
+template <typename T, typename op_t = opmath_t<T>>
+inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, Sum4& sdyt) {
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  constexpr int64_t K = IO::kSize;
+  const V m(mh);
   int64_t i = 0;
-  dVec d[4], g[4];
-  for (; i + 16 <= n; i += 16) {
-    load16(x + i, d);
-    load16(dy + i, g);
-    for (int k = 0; k < 4; ++k) {
-      sdy.v[k] += g[k];
-      sdyx.v[k] = at::vec::fmadd(g[k], d[k] - m, sdyx.v[k]);
+  while (i + 2 * K <= n) {
+    const int64_t end = std::min(n, i + kPartial * 2 * K);
+    V a0(op_t(0)), a1(op_t(0)), b0(op_t(0)), b1(op_t(0));
+    for (; i + 2 * K <= end; i += 2 * K) {
+      const V g0 = IO::load(dy + i), g1 = IO::load(dy + i + K);
+      a0 += g0;
+      a1 += g1;
+      b0 = at::vec::fmadd(g0, IO::load(x + i) - m, b0);
+      b1 = at::vec::fmadd(g1, IO::load(x + i + K) - m, b1);
     }
+    sdy.add(a0, a1);
+    sdyt.add(b0, b1);
   }
   for (; i < n; ++i) {
-    const double gi = static_cast<double>(dy[i]);
-    sdy.tail += gi;
-    sdyx.tail = std::fma(gi, static_cast<double>(x[i]) - mean, sdyx.tail);
+    const double g = static_cast<double>(dy[i]);
+    sdy.tail += g;
+    sdyt.tail = std::fma(g, static_cast<double>(static_cast<op_t>(x[i]) - mh), sdyt.tail);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Reductions over rows of channels (NLC): acc[c] += f(row[c]), rows in order.
-// Four rows share one load/store of the accumulators; the additions per
-// channel still happen row after row, so the result is that of a plain loop.
+// Eight channels at a time, four rows per load/store of the accumulators;
+// the additions per channel still happen row after row, so the result is
+// that of a plain row loop.
 // ---------------------------------------------------------------------------
 
+// s1[c] += x - shift[c],  s2[c] += (x - shift[c])²
 template <typename T>
-inline void rows_add(const T* x, int64_t stride, int64_t rows, int64_t n, double* acc) {
-  int64_t r = 0;
-  dVec d[4];
-  for (; r + 4 <= rows; r += 4) {
-    const T* p0 = x + r * stride;
+C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift, double* s1,
+                             double* s2) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+    const int64_t r1 = std::min(rows, r0 + 4);
     int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      dVec a[4];
-      for (int k = 0; k < 4; ++k) a[k] = dVec::loadu(acc + c + 4 * k);
-      for (int j = 0; j < 4; ++j) {
-        load16(p0 + j * stride + c, d);
-        for (int k = 0; k < 4; ++k) a[k] += d[k];
+    for (; c + 8 <= n; c += 8) {
+      const dVec h0 = dVec::loadu(shift + c), h1 = dVec::loadu(shift + c + 4);
+      dVec a0 = dVec::loadu(s1 + c), a1 = dVec::loadu(s1 + c + 4);
+      dVec q0 = dVec::loadu(s2 + c), q1 = dVec::loadu(s2 + c + 4);
+      for (int64_t r = r0; r < r1; ++r) {
+        dVec lo, hi;
+        load8(x + r * stride + c, lo, hi);
+        lo = lo - h0;
+        hi = hi - h1;
+        a0 += lo;
+        a1 += hi;
+        q0 = at::vec::fmadd(lo, lo, q0);
+        q1 = at::vec::fmadd(hi, hi, q1);
       }
-      for (int k = 0; k < 4; ++k) a[k].store(acc + c + 4 * k);
+      a0.store(s1 + c);
+      a1.store(s1 + c + 4);
+      q0.store(s2 + c);
+      q1.store(s2 + c + 4);
     }
     for (; c < n; ++c) {
-      for (int j = 0; j < 4; ++j) acc[c] += static_cast<double>(p0[j * stride + c]);
-    }
-  }
-  for (; r < rows; ++r) {
-    const T* p = x + r * stride;
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      load16(p + c, d);
-      for (int k = 0; k < 4; ++k) (dVec::loadu(acc + c + 4 * k) + d[k]).store(acc + c + 4 * k);
-    }
-    for (; c < n; ++c) acc[c] += static_cast<double>(p[c]);
-  }
-}
-
-template <typename T>
-inline void rows_add_sq_dev(const T* x, int64_t stride, int64_t rows, int64_t n, const double* mean,
-                            double* acc) {
-  int64_t r = 0;
-  dVec d[4];
-  for (; r + 4 <= rows; r += 4) {
-    const T* p0 = x + r * stride;
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      dVec a[4], m[4];
-      for (int k = 0; k < 4; ++k) {
-        a[k] = dVec::loadu(acc + c + 4 * k);
-        m[k] = dVec::loadu(mean + c + 4 * k);
+      for (int64_t r = r0; r < r1; ++r) {
+        const double t = static_cast<double>(x[r * stride + c]) - shift[c];
+        s1[c] += t;
+        s2[c] = std::fma(t, t, s2[c]);
       }
-      for (int j = 0; j < 4; ++j) {
-        load16(p0 + j * stride + c, d);
-        for (int k = 0; k < 4; ++k) {
-          const dVec t = d[k] - m[k];
-          a[k] = at::vec::fmadd(t, t, a[k]);
-        }
-      }
-      for (int k = 0; k < 4; ++k) a[k].store(acc + c + 4 * k);
-    }
-    for (; c < n; ++c) {
-      for (int j = 0; j < 4; ++j) {
-        const double t = static_cast<double>(p0[j * stride + c]) - mean[c];
-        acc[c] = std::fma(t, t, acc[c]);
-      }
-    }
-  }
-  for (; r < rows; ++r) {
-    const T* p = x + r * stride;
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      load16(p + c, d);
-      for (int k = 0; k < 4; ++k) {
-        const dVec t = d[k] - dVec::loadu(mean + c + 4 * k);
-        at::vec::fmadd(t, t, dVec::loadu(acc + c + 4 * k)).store(acc + c + 4 * k);
-      }
-    }
-    for (; c < n; ++c) {
-      const double t = static_cast<double>(p[c]) - mean[c];
-      acc[c] = std::fma(t, t, acc[c]);
     }
   }
 }
 
-template <typename T>
-inline void rows_add_dy_dyxmu(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n,
-                              const double* mean, double* sdy, double* sdyx) {
-  int64_t r = 0;
-  dVec d[4], g[4];
-  for (; r + 4 <= rows; r += 4) {
-    const T* x0 = x + r * stride;
-    const T* g0 = dy + r * stride;
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      dVec a[4], b[4], m[4];
-      for (int k = 0; k < 4; ++k) {
-        a[k] = dVec::loadu(sdy + c + 4 * k);
-        b[k] = dVec::loadu(sdyx + c + 4 * k);
-        m[k] = dVec::loadu(mean + c + 4 * k);
-      }
-      for (int j = 0; j < 4; ++j) {
-        load16(x0 + j * stride + c, d);
-        load16(g0 + j * stride + c, g);
-        for (int k = 0; k < 4; ++k) {
-          a[k] += g[k];
-          b[k] = at::vec::fmadd(g[k], d[k] - m[k], b[k]);
-        }
-      }
-      for (int k = 0; k < 4; ++k) {
-        a[k].store(sdy + c + 4 * k);
-        b[k].store(sdyx + c + 4 * k);
-      }
-    }
-    for (; c < n; ++c) {
-      for (int j = 0; j < 4; ++j) {
-        const double gi = static_cast<double>(g0[j * stride + c]);
-        sdy[c] += gi;
-        sdyx[c] = std::fma(gi, static_cast<double>(x0[j * stride + c]) - mean[c], sdyx[c]);
-      }
-    }
-  }
-  for (; r < rows; ++r) {
-    const T* xp = x + r * stride;
-    const T* gp = dy + r * stride;
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) {
-      load16(xp + c, d);
-      load16(gp + c, g);
-      for (int k = 0; k < 4; ++k) {
-        (dVec::loadu(sdy + c + 4 * k) + g[k]).store(sdy + c + 4 * k);
-        const dVec t = d[k] - dVec::loadu(mean + c + 4 * k);
-        at::vec::fmadd(g[k], t, dVec::loadu(sdyx + c + 4 * k)).store(sdyx + c + 4 * k);
-      }
-    }
-    for (; c < n; ++c) {
-      const double gi = static_cast<double>(gp[c]);
-      sdy[c] += gi;
-      sdyx[c] = std::fma(gi, static_cast<double>(xp[c]) - mean[c], sdyx[c]);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Elementwise passes, in opmath_t. The mean enters as mean_hi + mean_lo (the
-// float64 mean split in two floats for float input): x - mean_hi is exact
-// when x is within a factor 2 of the mean, so large offsets cancel exactly.
-// ---------------------------------------------------------------------------
-
-// y = ((x - mh) - ml) * scale + shift over a run with one channel's coefficients.
+// sdy[c] += dy,  sdyt[c] += dy·(x - mh[c]): partial sums over kPartial rows
+// in opmath_t (scratch pa, pb: n values each), then added in double.
 template <typename T, typename op_t = opmath_t<T>>
-inline void normalize_run(const T* x, T* y, int64_t n, op_t mh, op_t ml, op_t scale, op_t shift) {
+C10_NOINLINE void rows_add_dy_dyt(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n,
+                                  const op_t* mh, double* sdy, double* sdyt, op_t* pa, op_t* pb) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
-  const V vmh(mh), vml(ml), vs(scale), vb(shift);
-  int64_t i = 0;
-  for (; i + 2 * K <= n; i += 2 * K) {
-    const V a = (IO::load(x + i) - vmh) - vml;
-    const V b = (IO::load(x + i + K) - vmh) - vml;
-    IO::store(y + i, at::vec::fmadd(a, vs, vb));
-    IO::store(y + i + K, at::vec::fmadd(b, vs, vb));
-  }
-  for (; i + K <= n; i += K) {
-    IO::store(y + i, at::vec::fmadd((IO::load(x + i) - vmh) - vml, vs, vb));
-  }
-  for (; i < n; ++i) {
-    y[i] = static_cast<T>(std::fma((static_cast<op_t>(x[i]) - mh) - ml, scale, shift));
+  for (int64_t r0 = 0; r0 < rows; r0 += kPartial) {
+    const int64_t r1 = std::min(rows, r0 + kPartial);
+    std::fill(pa, pa + n, op_t(0));
+    std::fill(pb, pb + n, op_t(0));
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * stride;
+      const T* gr = dy + r * stride;
+      int64_t c = 0;
+      for (; c + K <= n; c += K) {
+        const V g = IO::load(gr + c);
+        (V::loadu(pa + c) + g).store(pa + c);
+        at::vec::fmadd(g, IO::load(xr + c) - V::loadu(mh + c), V::loadu(pb + c)).store(pb + c);
+      }
+      for (; c < n; ++c) {
+        const op_t g = static_cast<op_t>(gr[c]);
+        pa[c] += g;
+        pb[c] = std::fma(g, static_cast<op_t>(xr[c]) - mh[c], pb[c]);
+      }
+    }
+    int64_t c = 0;
+    for (; c + K <= n; c += K) {
+      add_to_double(sdy + c, V::loadu(pa + c));
+      add_to_double(sdyt + c, V::loadu(pb + c));
+    }
+    for (; c < n; ++c) {
+      sdy[c] += static_cast<double>(pa[c]);
+      sdyt[c] += static_cast<double>(pb[c]);
+    }
   }
 }
 
-// dx = a·dy + k·((x - mh) - ml) + cst over a run.
-template <typename T, typename op_t = opmath_t<T>>
-inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, op_t a, op_t k, op_t cst, op_t mh, op_t ml) {
+// ---------------------------------------------------------------------------
+// Elementwise passes, in opmath_t, with the coefficients of coefficients.h:
+//   y  = (x - mh) * scale + shift
+//   dx = k * (x - mh) + (a * dy + cst)
+// mh is the float64 mean rounded to opmath_t; x - mh is exact when x is
+// within a factor 2 of the mean, so large offsets cancel exactly, and the
+// rounding of mh is folded into shift and cst.
+//
+// kStream: the output goes out with non-temporal stores (float and double,
+// AVX2), for outputs too large to stay in cache anyway: no read-for-ownership
+// of the destination lines, and the inputs the pass reads again are not
+// evicted by the output. The caller runs stream_fence() after the pass.
+// ---------------------------------------------------------------------------
+
+constexpr int64_t kStreamBytes = int64_t(16) << 20;  // outputs from 16 MiB on
+
+template <typename T>
+constexpr bool can_stream() {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  return std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+  return false;
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  _mm_sfence();
+#endif
+}
+
+// Calls f(std::true_type) when the output of `bytes` should be streamed,
+// f(std::false_type) otherwise.
+template <typename F>
+inline void with_streaming(int64_t bytes, const F& f) {
+  if (bytes >= kStreamBytes) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// out[i] for i in [0, n): vec(i) gives the opmath vector at i (aligned or
+// not), one(i) the single value. With kStream the vector stores start at the
+// first 32-byte boundary.
+template <bool kStream, typename T, typename VF, typename SF>
+inline void map_out(T* out, int64_t n, const VF& vec, const SF& one) {
+  using IO = VecIO<T>;
+  constexpr int64_t K = IO::kSize;
+  int64_t i = 0;
+  if constexpr (kStream && can_stream<T>()) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+    for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 31) != 0; ++i) {
+      out[i] = static_cast<T>(one(i));
+    }
+    for (; i + K <= n; i += K) {
+      if constexpr (std::is_same_v<T, float>) {
+        _mm256_stream_ps(out + i, vec(i));
+      } else {
+        _mm256_stream_pd(out + i, vec(i));
+      }
+    }
+#endif
+  } else {
+    for (; i + 2 * K <= n; i += 2 * K) {
+      const auto v0 = vec(i), v1 = vec(i + K);
+      IO::store(out + i, v0);
+      IO::store(out + i + K, v1);
+    }
+    for (; i + K <= n; i += K) {
+      IO::store(out + i, vec(i));
+    }
+  }
+  for (; i < n; ++i) {
+    out[i] = static_cast<T>(one(i));
+  }
+}
+
+template <bool kStream, typename T, typename op_t = opmath_t<T>>
+inline void normalize_run(const T* x, T* y, int64_t n, op_t mh, op_t scale, op_t shift) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
-  const V va(a), vk(k), vc(cst), vmh(mh), vml(ml);
-  int64_t i = 0;
-  for (; i + 2 * K <= n; i += 2 * K) {
-    const V u = at::vec::fmadd(va, IO::load(dy + i), vc);
-    const V w = at::vec::fmadd(va, IO::load(dy + i + K), vc);
-    IO::store(dx + i, at::vec::fmadd(vk, (IO::load(x + i) - vmh) - vml, u));
-    IO::store(dx + i + K, at::vec::fmadd(vk, (IO::load(x + i + K) - vmh) - vml, w));
-  }
-  for (; i + K <= n; i += K) {
-    const V u = at::vec::fmadd(va, IO::load(dy + i), vc);
-    IO::store(dx + i, at::vec::fmadd(vk, (IO::load(x + i) - vmh) - vml, u));
-  }
-  for (; i < n; ++i) {
-    const op_t u = std::fma(a, static_cast<op_t>(dy[i]), cst);
-    dx[i] = static_cast<T>(std::fma(k, (static_cast<op_t>(x[i]) - mh) - ml, u));
-  }
+  const V vm(mh), vs(scale), vb(shift);
+  map_out<kStream>(
+      y, n, [&](int64_t i) { return at::vec::fmadd(IO::load(x + i) - vm, vs, vb); },
+      [&](int64_t i) { return std::fma(static_cast<op_t>(x[i]) - mh, scale, shift); });
 }
 
-// dx = a·dy over a run (eval mode: the statistics are constants).
-template <typename T, typename op_t = opmath_t<T>>
+template <bool kStream, typename T, typename op_t = opmath_t<T>>
+inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, op_t a, op_t k, op_t cst, op_t mh) {
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  const V va(a), vk(k), vc(cst), vm(mh);
+  map_out<kStream>(
+      dx, n,
+      [&](int64_t i) { return at::vec::fmadd(vk, IO::load(x + i) - vm, at::vec::fmadd(va, IO::load(dy + i), vc)); },
+      [&](int64_t i) { return std::fma(k, static_cast<op_t>(x[i]) - mh, std::fma(a, static_cast<op_t>(dy[i]), cst)); });
+}
+
+// dx = a·dy (eval mode: the statistics are constants).
+template <bool kStream, typename T, typename op_t = opmath_t<T>>
 inline void scale_run(const T* dy, T* dx, int64_t n, op_t a) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
   const V va(a);
-  int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    IO::store(dx + i, IO::load(dy + i) * va);
-  }
-  for (; i < n; ++i) {
-    dx[i] = static_cast<T>(static_cast<op_t>(dy[i]) * a);
+  map_out<kStream>(
+      dx, n, [&](int64_t i) { return IO::load(dy + i) * va; },
+      [&](int64_t i) { return static_cast<op_t>(dy[i]) * a; });
+}
+
+// The same three over `rows` consecutive NLC rows with per-channel
+// coefficient arrays, row after row (a plain forward sweep through memory;
+// the coefficients stay in L1). The row kernels are not inlined: each call
+// covers thousands of values, and on its own the loop keeps its pointers in
+// registers.
+template <bool kStream, typename T, typename op_t = opmath_t<T>>
+C10_NOINLINE void normalize_rows(const T* x, T* y, int64_t stride, int64_t rows, int64_t n, const op_t* mh,
+                                 const op_t* scale, const op_t* shift) {
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  for (int64_t r = 0; r < rows; ++r, x += stride, y += stride) {
+    map_out<kStream>(
+        y, n,
+        [&](int64_t c) {
+          return at::vec::fmadd(IO::load(x + c) - V::loadu(mh + c), V::loadu(scale + c), V::loadu(shift + c));
+        },
+        [&](int64_t c) { return std::fma(static_cast<op_t>(x[c]) - mh[c], scale[c], shift[c]); });
   }
 }
 
-// The same three over one NLC row, with per-channel coefficient arrays.
-template <typename T, typename op_t = opmath_t<T>>
-inline void normalize_row(const T* x, T* y, int64_t n, const op_t* mh, const op_t* ml, const op_t* scale,
-                          const op_t* shift) {
+template <bool kStream, typename T, typename op_t = opmath_t<T>>
+C10_NOINLINE void grad_rows(const T* dy, const T* x, T* dx, int64_t stride, int64_t rows, int64_t n, const op_t* a,
+                            const op_t* k, const op_t* cst, const op_t* mh) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
-  int64_t c = 0;
-  for (; c + K <= n; c += K) {
-    const V t = (IO::load(x + c) - V::loadu(mh + c)) - V::loadu(ml + c);
-    IO::store(y + c, at::vec::fmadd(t, V::loadu(scale + c), V::loadu(shift + c)));
-  }
-  for (; c < n; ++c) {
-    y[c] = static_cast<T>(std::fma((static_cast<op_t>(x[c]) - mh[c]) - ml[c], scale[c], shift[c]));
+  for (int64_t r = 0; r < rows; ++r, dy += stride, x += stride, dx += stride) {
+    map_out<kStream>(
+        dx, n,
+        [&](int64_t c) {
+          const V u = at::vec::fmadd(V::loadu(a + c), IO::load(dy + c), V::loadu(cst + c));
+          return at::vec::fmadd(V::loadu(k + c), IO::load(x + c) - V::loadu(mh + c), u);
+        },
+        [&](int64_t c) {
+          return std::fma(k[c], static_cast<op_t>(x[c]) - mh[c], std::fma(a[c], static_cast<op_t>(dy[c]), cst[c]));
+        });
   }
 }
 
-template <typename T, typename op_t = opmath_t<T>>
-inline void grad_row(const T* dy, const T* x, T* dx, int64_t n, const op_t* a, const op_t* k, const op_t* cst,
-                     const op_t* mh, const op_t* ml) {
+template <bool kStream, typename T, typename op_t = opmath_t<T>>
+C10_NOINLINE void scale_rows(const T* dy, T* dx, int64_t stride, int64_t rows, int64_t n, const op_t* a) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
-  int64_t c = 0;
-  for (; c + K <= n; c += K) {
-    const V u = at::vec::fmadd(V::loadu(a + c), IO::load(dy + c), V::loadu(cst + c));
-    const V t = (IO::load(x + c) - V::loadu(mh + c)) - V::loadu(ml + c);
-    IO::store(dx + c, at::vec::fmadd(V::loadu(k + c), t, u));
-  }
-  for (; c < n; ++c) {
-    const op_t u = std::fma(a[c], static_cast<op_t>(dy[c]), cst[c]);
-    dx[c] = static_cast<T>(std::fma(k[c], (static_cast<op_t>(x[c]) - mh[c]) - ml[c], u));
-  }
-}
-
-template <typename T, typename op_t = opmath_t<T>>
-inline void scale_row(const T* dy, T* dx, int64_t n, const op_t* a) {
-  using IO = VecIO<T>;
-  using V = typename IO::Vec;
-  constexpr int64_t K = IO::kSize;
-  int64_t c = 0;
-  for (; c + K <= n; c += K) {
-    IO::store(dx + c, IO::load(dy + c) * V::loadu(a + c));
-  }
-  for (; c < n; ++c) {
-    dx[c] = static_cast<T>(static_cast<op_t>(dy[c]) * a[c]);
+  for (int64_t r = 0; r < rows; ++r, dy += stride, dx += stride) {
+    map_out<kStream>(
+        dx, n, [&](int64_t c) { return IO::load(dy + c) * V::loadu(a + c); },
+        [&](int64_t c) { return static_cast<op_t>(dy[c]) * a[c]; });
   }
 }
 

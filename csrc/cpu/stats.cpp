@@ -14,22 +14,27 @@ namespace torch_bn_manual {
 namespace cpu {
 namespace {
 
-// The values of one NCL block: mean by a first pass, m2 about that mean by a
-// second pass while the block is still in L1.
+// The summary of n values from their shifted sums s1 = Σ(x - shift) and
+// s2 = Σ(x - shift)², shift being one of the values (see add_shifted).
+inline State shifted_state(double shift, double s1, double s2, double n) {
+  const double d = s1 / n;
+  return State{shift + d, std::max(0.0, s2 - s1 * d), n};
+}
+
+// One NCL block in one pass, shifted by its first value.
 template <typename T>
 State ncl_block_state(const T* x, const View& v, int64_t c, const NclRange& r) {
   const int64_t len = r.l1 - r.l0;
-  Sum4 sum;
-  for (int64_t n = r.n0; n < r.n1; ++n) {
-    add_values(x + (n * v.C + c) * v.L + r.l0, len, sum);
-  }
   const double count = static_cast<double>(r.count());
-  const double mean = sum.total() / count;
-  Sum4 sq;
-  for (int64_t n = r.n0; n < r.n1; ++n) {
-    add_sq_dev(x + (n * v.C + c) * v.L + r.l0, len, mean, sq);
+  if (count == 0) {
+    return State{0.0, 0.0, 0.0};
   }
-  return State{mean, sq.total(), count};
+  const double shift = static_cast<double>(x[(r.n0 * v.C + c) * v.L + r.l0]);
+  Sum4 s1, s2;
+  for (int64_t n = r.n0; n < r.n1; ++n) {
+    add_shifted(x + (n * v.C + c) * v.L + r.l0, len, shift, s1, s2);
+  }
+  return shifted_state(shift, s1.total(), s2.total(), count);
 }
 
 // NCL with few channels: all (channel, block) pairs in parallel, then the fold.
@@ -52,8 +57,9 @@ void ncl_states_by_block(const T* x, const View& v, State* out) {
   }
 }
 
-// NLC: each task folds its blocks (two passes over block_rows rows of a
-// channel tile), the tasks of a tile are then folded in row order.
+// NLC: each task folds its blocks (one pass over block_rows rows of a
+// channel tile, shifted by the block's first row), the tasks of a tile are
+// then folded in row order.
 template <typename T>
 void nlc_states(const T* x, const View& v, State* out) {
   const NlcTasks t = nlc_tasks(v);
@@ -61,7 +67,7 @@ void nlc_states(const T* x, const View& v, State* out) {
   // task states, [row task][channel]
   std::vector<double> t_mean(t.row_tasks * C), t_m2(t.row_tasks * C);
   at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
-    std::vector<double> sum(t.tile), sq(t.tile), mean(t.tile);
+    std::vector<double> s1(t.tile), s2(t.tile), shift(t.tile);
     std::vector<State> acc(t.tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
@@ -71,16 +77,15 @@ void nlc_states(const T* x, const View& v, State* out) {
       for (int64_t r0 = r_begin; r0 < r_end; r0 += t.block_rows) {
         const int64_t rows = std::min(t.block_rows, r_end - r0);
         const T* base = x + r0 * C + c0;
-        std::fill(sum.begin(), sum.begin() + width, 0.0);
-        std::fill(sq.begin(), sq.begin() + width, 0.0);
-        rows_add(base, C, rows, width, sum.data());
+        for (int64_t c = 0; c < width; ++c) {
+          shift[c] = static_cast<double>(base[c]);
+        }
+        std::fill(s1.begin(), s1.begin() + width, 0.0);
+        std::fill(s2.begin(), s2.begin() + width, 0.0);
+        rows_add_shifted(base, C, rows, width, shift.data(), s1.data(), s2.data());
         const double count = static_cast<double>(rows);
         for (int64_t c = 0; c < width; ++c) {
-          mean[c] = sum[c] / count;
-        }
-        rows_add_sq_dev(base, C, rows, width, mean.data(), sq.data());
-        for (int64_t c = 0; c < width; ++c) {
-          acc[c] = welford_merge(acc[c], State{mean[c], sq[c], count});
+          acc[c] = welford_merge(acc[c], shifted_state(shift[c], s1[c], s2[c], count));
         }
       }
       for (int64_t c = 0; c < width; ++c) {

@@ -1,6 +1,7 @@
 // Per-channel batch statistics on the CPU: Welford states (mean, m2, count)
-// computed block by block (a shifted two-pass inside each cache-sized block,
-// in double) and folded with welford_merge in the fixed order of loops.h.
+// summarised block by block (one pass of shifted sums in double, the shift
+// being one of the block's values) and folded with welford_merge in the
+// fixed order of loops.h.
 #pragma once
 
 #include <ATen/Parallel.h>

@@ -1,6 +1,7 @@
 #include "cpu/tensors.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 namespace torch_bn_manual {
 namespace cpu {
@@ -44,14 +45,17 @@ std::vector<double> channel_values(const at::Tensor& t, int64_t C, const char* o
                                    bool allow_broadcast) {
   TORCH_CHECK(t.numel() == C || (allow_broadcast && t.numel() == 1), op, ": ", name, " must have ", C,
               " elements (one per channel), got ", t.numel());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isIntegralType(t.scalar_type(), false), op, ": ", name,
-              " must be a real tensor, got ", t.scalar_type());
-  const at::Tensor d = t.detach().to(at::kCPU, at::kDouble).contiguous();
-  const double* p = d.data_ptr<double>();
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  // Read in place (no conversion tensors: these are per-call costs).
+  const at::Tensor flat = t.dim() == 1 ? t : t.reshape({-1});
+  const int64_t stride = flat.numel() == 1 ? 0 : flat.stride(0);
   std::vector<double> out(C);
-  for (int64_t c = 0; c < C; ++c) {
-    out[c] = p[d.numel() == 1 ? 0 : c];
-  }
+  AT_DISPATCH_ALL_TYPES_AND2(at::kBFloat16, at::kHalf, flat.scalar_type(), "batch_norm_channel_values", [&] {
+    const scalar_t* p = flat.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      out[c] = static_cast<double>(p[c * stride]);
+    }
+  });
   return out;
 }
 
@@ -65,9 +69,14 @@ std::vector<double> channel_values(const std::optional<at::Tensor>& t, int64_t C
 
 at::Tensor channel_tensor(const std::vector<double>& v, const at::TensorOptions& options, at::ScalarType dtype) {
   const int64_t C = static_cast<int64_t>(v.size());
-  at::Tensor out = at::empty({C}, options.dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous));
-  std::copy(v.begin(), v.end(), out.data_ptr<double>());
-  return dtype == at::kDouble ? out : out.to(dtype);
+  at::Tensor out = at::empty({C}, options.dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "batch_norm_channel_tensor", [&] {
+    scalar_t* p = out.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      p[c] = static_cast<scalar_t>(v[c]);
+    }
+  });
+  return out;
 }
 
 }  // namespace cpu

@@ -98,11 +98,52 @@ inline void load16(const T* p, dVec (&d)[4]) {
   }
 }
 
+// Eight consecutive values of T as two double vectors.
+template <typename T>
+inline void load8(const T* p, dVec& lo, dVec& hi) {
+  if constexpr (std::is_same_v<T, double>) {
+    lo = dVec::loadu(p);
+    hi = dVec::loadu(p + 4);
+  } else {
+    widen(VecIO<T>::load(p), lo, hi);
+  }
+}
+
+// acc[0..lanes) += v, in double (v holds 8 floats or 4 doubles).
+template <typename op_t>
+inline void add_to_double(double* acc, const Vectorized<op_t>& v) {
+  if constexpr (std::is_same_v<op_t, double>) {
+    (dVec::loadu(acc) + v).store(acc);
+  } else {
+    dVec lo, hi;
+    widen(v, lo, hi);
+    (dVec::loadu(acc) + lo).store(acc);
+    (dVec::loadu(acc + 4) + hi).store(acc + 4);
+  }
+}
+
 // A sum kept as four vector partial sums plus a scalar tail, folded in a
 // fixed order: the result depends only on the sequence of values added.
 struct Sum4 {
   dVec v[4] = {dVec(0.0), dVec(0.0), dVec(0.0), dVec(0.0)};
   double tail = 0.0;
+
+  // Adds two opmath_t vectors (16 floats or 8 doubles) in double.
+  template <typename op_t>
+  void add(const Vectorized<op_t>& a, const Vectorized<op_t>& b) {
+    if constexpr (std::is_same_v<op_t, double>) {
+      v[0] += a;
+      v[1] += b;
+    } else {
+      dVec lo, hi;
+      widen(a, lo, hi);
+      v[0] += lo;
+      v[1] += hi;
+      widen(b, lo, hi);
+      v[2] += lo;
+      v[3] += hi;
+    }
+  }
 
   double total() const {
     __at_align__ double lanes[4];
