@@ -164,9 +164,13 @@ def _train_setup_context(ctx, inputs, output):
     ctx.eps = eps
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(save_mean, save_invstd)
+    # No zero tensors for the gradients of save_mean/save_invstd (they have none).
+    ctx.set_materialize_grads(False)
 
 
 def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
+    if grad_output is None:  # only save_mean/save_invstd were used
+        return None, None, None, None
     input, weight, mean, invstd = ctx.saved_tensors
     return _backward(ctx, grad_output, input, weight, mean, invstd, True) + (None,)
 

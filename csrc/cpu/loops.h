@@ -15,10 +15,9 @@
 //   NCL: a channel's values are N runs of L. A block is a group of whole runs
 //        (about kNclBlock values) or, for long runs, a kNclBlock-long piece of
 //        one run. Blocks of a channel are folded in memory order.
-//   NLC: rows of C values. Channels are cut into tiles of at most kNlcTile;
-//        rows into blocks of nlc.block_rows, and blocks into tasks of
-//        nlc.task_rows. A task folds its blocks in order; the tasks are then
-//        folded in row order, per channel.
+//   NLC: rows of C values. Channels are cut into tiles of at most kNlcTile,
+//        rows into tasks of nlc.task_rows; a task covers one tile of one row
+//        range. Per channel, the tasks are folded in row order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -69,9 +68,8 @@ inline View make_view(const at::Tensor& t, at::MemoryFormat format) {
 
 constexpr int64_t kNclBlock = 4096;     // values per NCL block (16 KiB of float)
 constexpr int64_t kNlcTile = 512;       // channels per NLC tile
-constexpr int64_t kNlcBlock = 8192;     // target values per NLC block
-constexpr int64_t kNlcMinRows = 64;     // rows per NLC block at least (few merges)
 constexpr int64_t kNlcTask = 65536;     // target values per NLC task
+constexpr int64_t kNlcMinRows = 64;     // rows per NLC task at least
 constexpr int64_t kParallelGrain = 32768;  // values below which a loop stays serial
 
 struct NclBlocks {
@@ -116,8 +114,7 @@ inline NclRange ncl_block(const View& v, const NclBlocks& b, int64_t blk) {
 struct NlcTasks {
   int64_t tile;        // channels per tile
   int64_t tiles;
-  int64_t block_rows;
-  int64_t task_rows;   // a multiple of block_rows
+  int64_t task_rows;
   int64_t row_tasks;
   int64_t count() const { return row_tasks * tiles; }
 };
@@ -126,8 +123,7 @@ inline NlcTasks nlc_tasks(const View& v) {
   NlcTasks t;
   t.tile = std::max<int64_t>(1, std::min(v.C, kNlcTile));
   t.tiles = (v.C + t.tile - 1) / t.tile;
-  t.block_rows = std::max(kNlcMinRows, kNlcBlock / t.tile);
-  t.task_rows = t.block_rows * std::max<int64_t>(1, kNlcTask / (t.block_rows * t.tile));
+  t.task_rows = std::max(kNlcMinRows, kNlcTask / t.tile);
   t.row_tasks = (v.M() + t.task_rows - 1) / t.task_rows;
   return t;
 }
@@ -200,7 +196,7 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
 
 // ---------------------------------------------------------------------------
 // Reductions over rows of channels (NLC): acc[c] += f(row[c]), rows in order.
-// Eight channels at a time, four rows per load/store of the accumulators;
+// Eight channels at a time, eight rows per load/store of the accumulators;
 // the additions per channel still happen row after row, so the result is
 // that of a plain row loop.
 // ---------------------------------------------------------------------------
@@ -209,8 +205,8 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
 template <typename T>
 C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift, double* s1,
                              double* s2) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 4) {
-    const int64_t r1 = std::min(rows, r0 + 4);
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    const int64_t r1 = std::min(rows, r0 + 8);
     int64_t c = 0;
     for (; c + 8 <= n; c += 8) {
       const dVec h0 = dVec::loadu(shift + c), h1 = dVec::loadu(shift + c + 4);

@@ -57,8 +57,8 @@ void ncl_states_by_block(const T* x, const View& v, State* out) {
   }
 }
 
-// NLC: each task folds its blocks (one pass over block_rows rows of a
-// channel tile, shifted by the block's first row), the tasks of a tile are
+// NLC: each task summarises its rows of a channel tile in one pass of
+// shifted sums (shifted by the task's first row); the tasks of a tile are
 // then folded in row order.
 template <typename T>
 void nlc_states(const T* x, const View& v, State* out) {
@@ -68,29 +68,21 @@ void nlc_states(const T* x, const View& v, State* out) {
   std::vector<double> t_mean(t.row_tasks * C), t_m2(t.row_tasks * C);
   at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
     std::vector<double> s1(t.tile), s2(t.tile), shift(t.tile);
-    std::vector<State> acc(t.tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
       const int64_t width = std::min(t.tile, C - c0);
-      const int64_t r_begin = rt * t.task_rows, r_end = std::min(M, r_begin + t.task_rows);
-      std::fill(acc.begin(), acc.begin() + width, State{0.0, 0.0, 0.0});
-      for (int64_t r0 = r_begin; r0 < r_end; r0 += t.block_rows) {
-        const int64_t rows = std::min(t.block_rows, r_end - r0);
-        const T* base = x + r0 * C + c0;
-        for (int64_t c = 0; c < width; ++c) {
-          shift[c] = static_cast<double>(base[c]);
-        }
-        std::fill(s1.begin(), s1.begin() + width, 0.0);
-        std::fill(s2.begin(), s2.begin() + width, 0.0);
-        rows_add_shifted(base, C, rows, width, shift.data(), s1.data(), s2.data());
-        const double count = static_cast<double>(rows);
-        for (int64_t c = 0; c < width; ++c) {
-          acc[c] = welford_merge(acc[c], shifted_state(shift[c], s1[c], s2[c], count));
-        }
-      }
+      const int64_t r0 = rt * t.task_rows, rows = std::min(M, r0 + t.task_rows) - r0;
+      const T* base = x + r0 * C + c0;
       for (int64_t c = 0; c < width; ++c) {
-        t_mean[rt * C + c0 + c] = acc[c].mean;
-        t_m2[rt * C + c0 + c] = acc[c].m2;
+        shift[c] = static_cast<double>(base[c]);
+      }
+      std::fill(s1.begin(), s1.begin() + width, 0.0);
+      std::fill(s2.begin(), s2.begin() + width, 0.0);
+      rows_add_shifted(base, C, rows, width, shift.data(), s1.data(), s2.data());
+      for (int64_t c = 0; c < width; ++c) {
+        const State st = shifted_state(shift[c], s1[c], s2[c], static_cast<double>(rows));
+        t_mean[rt * C + c0 + c] = st.mean;
+        t_m2[rt * C + c0 + c] = st.m2;
       }
     }
   });
