@@ -84,6 +84,25 @@ inline void widen(const fVec& v, dVec& lo, dVec& hi) {
 #endif
 }
 
+// Eight consecutive values of T as two double vectors.
+template <typename T>
+inline void load8(const T* p, dVec& lo, dVec& hi) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<T, float>) {
+    // Two converting loads of four floats: no cross-lane extract.
+    lo = _mm256_cvtps_pd(_mm_loadu_ps(p));
+    hi = _mm256_cvtps_pd(_mm_loadu_ps(p + 4));
+    return;
+  }
+#endif
+  if constexpr (std::is_same_v<T, double>) {
+    lo = dVec::loadu(p);
+    hi = dVec::loadu(p + 4);
+  } else {
+    widen(VecIO<T>::load(p), lo, hi);
+  }
+}
+
 // Sixteen consecutive values of T as four double vectors.
 template <typename T>
 inline void load16(const T* p, dVec (&d)[4]) {
@@ -93,19 +112,8 @@ inline void load16(const T* p, dVec (&d)[4]) {
     d[2] = dVec::loadu(p + 8);
     d[3] = dVec::loadu(p + 12);
   } else {
-    widen(VecIO<T>::load(p), d[0], d[1]);
-    widen(VecIO<T>::load(p + 8), d[2], d[3]);
-  }
-}
-
-// Eight consecutive values of T as two double vectors.
-template <typename T>
-inline void load8(const T* p, dVec& lo, dVec& hi) {
-  if constexpr (std::is_same_v<T, double>) {
-    lo = dVec::loadu(p);
-    hi = dVec::loadu(p + 4);
-  } else {
-    widen(VecIO<T>::load(p), lo, hi);
+    load8(p, d[0], d[1]);
+    load8(p + 8, d[2], d[3]);
   }
 }
 
