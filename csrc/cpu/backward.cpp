@@ -106,7 +106,6 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
     const int64_t M = v.M();
     std::vector<double> t_dy(t.row_tasks * C), t_dyt(t.row_tasks * C);
     at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
-      std::vector<op_t> pa(t.tile), pb(t.tile);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
         const int64_t width = std::min(t.tile, C - c0);
@@ -115,7 +114,7 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
         double* q = t_dyt.data() + rt * C + c0;
         std::fill(a, a + width, 0.0);
         std::fill(q, q + width, 0.0);
-        rows_add_dy_dyt(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mh.data() + c0, a, q, pa.data(), pb.data());
+        rows_add_dy_dyt(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mh.data() + c0, a, q);
       }
     });
     at::parallel_for(0, C, grain_for(t.row_tasks * 4), [&](int64_t begin, int64_t end) {

@@ -196,18 +196,40 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
 
 // ---------------------------------------------------------------------------
 // Reductions over rows of channels (NLC): acc[c] += f(row[c]), rows in order.
-// Eight channels at a time, eight rows per load/store of the accumulators;
-// the additions per channel still happen row after row, so the result is
-// that of a plain row loop.
+// The additions per channel happen row after row, so the result is that of
+// a plain row loop.
 // ---------------------------------------------------------------------------
 
 // s1[c] += x - shift[c],  s2[c] += (x - shift[c])²
+// Sixteen channels at a time (eight independent accumulator chains, enough to
+// cover the add/fma latency), eight rows per load/store of the accumulators.
 template <typename T>
-C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift, double* s1,
-                             double* s2) {
+C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift,
+                                   double* s1, double* s2) {
   for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     const int64_t r1 = std::min(rows, r0 + 8);
     int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+      dVec h[4], a[4], q[4];
+      for (int k = 0; k < 4; ++k) {
+        h[k] = dVec::loadu(shift + c + 4 * k);
+        a[k] = dVec::loadu(s1 + c + 4 * k);
+        q[k] = dVec::loadu(s2 + c + 4 * k);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        dVec d[4];
+        load16(x + r * stride + c, d);
+        for (int k = 0; k < 4; ++k) {
+          d[k] = d[k] - h[k];
+          a[k] += d[k];
+          q[k] = at::vec::fmadd(d[k], d[k], q[k]);
+        }
+      }
+      for (int k = 0; k < 4; ++k) {
+        a[k].store(s1 + c + 4 * k);
+        q[k].store(s2 + c + 4 * k);
+      }
+    }
     for (; c + 8 <= n; c += 8) {
       const dVec h0 = dVec::loadu(shift + c), h1 = dVec::loadu(shift + c + 4);
       dVec a0 = dVec::loadu(s1 + c), a1 = dVec::loadu(s1 + c + 4);
@@ -238,40 +260,58 @@ C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int
 }
 
 // sdy[c] += dy,  sdyt[c] += dy·(x - mh[c]): partial sums over kPartial rows
-// in opmath_t (scratch pa, pb: n values each), then added in double.
+// in opmath_t registers, then added in double. Four vectors of channels at a
+// time: eight independent accumulator chains cover the add/fma latency.
 template <typename T, typename op_t = opmath_t<T>>
 C10_NOINLINE void rows_add_dy_dyt(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n,
-                                  const op_t* mh, double* sdy, double* sdyt, op_t* pa, op_t* pb) {
+                                  const op_t* mh, double* sdy, double* sdyt) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
   for (int64_t r0 = 0; r0 < rows; r0 += kPartial) {
     const int64_t r1 = std::min(rows, r0 + kPartial);
-    std::fill(pa, pa + n, op_t(0));
-    std::fill(pb, pb + n, op_t(0));
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* xr = x + r * stride;
-      const T* gr = dy + r * stride;
-      int64_t c = 0;
-      for (; c + K <= n; c += K) {
-        const V g = IO::load(gr + c);
-        (V::loadu(pa + c) + g).store(pa + c);
-        at::vec::fmadd(g, IO::load(xr + c) - V::loadu(mh + c), V::loadu(pb + c)).store(pb + c);
+    int64_t c = 0;
+    for (; c + 4 * K <= n; c += 4 * K) {
+      V m[4], a[4], b[4];
+      for (int j = 0; j < 4; ++j) {
+        m[j] = V::loadu(mh + c + j * K);
+        a[j] = V(op_t(0));
+        b[j] = V(op_t(0));
       }
-      for (; c < n; ++c) {
-        const op_t g = static_cast<op_t>(gr[c]);
-        pa[c] += g;
-        pb[c] = std::fma(g, static_cast<op_t>(xr[c]) - mh[c], pb[c]);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * stride + c;
+        const T* gr = dy + r * stride + c;
+        for (int j = 0; j < 4; ++j) {
+          const V g = IO::load(gr + j * K);
+          a[j] += g;
+          b[j] = at::vec::fmadd(g, IO::load(xr + j * K) - m[j], b[j]);
+        }
+      }
+      for (int j = 0; j < 4; ++j) {
+        add_to_double(sdy + c + j * K, a[j]);
+        add_to_double(sdyt + c + j * K, b[j]);
       }
     }
-    int64_t c = 0;
     for (; c + K <= n; c += K) {
-      add_to_double(sdy + c, V::loadu(pa + c));
-      add_to_double(sdyt + c, V::loadu(pb + c));
+      const V m = V::loadu(mh + c);
+      V a(op_t(0)), b(op_t(0));
+      for (int64_t r = r0; r < r1; ++r) {
+        const V g = IO::load(dy + r * stride + c);
+        a += g;
+        b = at::vec::fmadd(g, IO::load(x + r * stride + c) - m, b);
+      }
+      add_to_double(sdy + c, a);
+      add_to_double(sdyt + c, b);
     }
     for (; c < n; ++c) {
-      sdy[c] += static_cast<double>(pa[c]);
-      sdyt[c] += static_cast<double>(pb[c]);
+      op_t a(0), b(0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const op_t g = static_cast<op_t>(dy[r * stride + c]);
+        a += g;
+        b = std::fma(g, static_cast<op_t>(x[r * stride + c]) - mh[c], b);
+      }
+      sdy[c] += static_cast<double>(a);
+      sdyt[c] += static_cast<double>(b);
     }
   }
 }
