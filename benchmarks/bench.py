@@ -9,7 +9,7 @@ is available, constructed with that backend by name. Before timing, one call
 is profiled to check that the column runs what it claims to run.
 
 Options: --quick (few shapes, short runs: a smoke run), --shapes 32x64x56x56,4096x1024,
---layouts, --dtypes, --modes fwd,fwd+bwd,eval, --min-run-time S, --threads N,
+--layouts, --dtypes, --modes fwd,fwd+bwd,eval, --min-run-time S, --rounds R, --threads N,
 --out PATH ('-' for no file), --plot FILE.png (needs matplotlib).
 """
 from __future__ import annotations
@@ -134,22 +134,47 @@ def copy_gbps(case, device, min_run_time, threads) -> float:
     return _copy_gbps[key]
 
 
-def run_case(case, impls, device="cpu", min_run_time=0.5, threads=None) -> Row:
-    """Time every column on one case; a column that fails gets None and an 'error: ...' note."""
+def run_case(case, impls, device="cpu", min_run_time=0.5, threads=None, rounds=1) -> Row:
+    """Time every column on one case; a column that fails gets None and an 'error: ...' note.
+
+    With rounds > 1 the columns take turns: each round times every column for
+    min_run_time / rounds (starting with a different column each round), and
+    a column's time is the median of its round medians. A machine whose speed
+    drifts (other tenants, frequency, the page cache) then slows every column
+    alike instead of whichever happened to run during the slow spell.
+    """
     threads = threads or torch.get_num_threads()
     fmt = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
     x = torch.randn(case.shape, device=device).to(getattr(torch, case.dtype)).contiguous(memory_format=fmt)
     dy = torch.randn_like(x)
     x.requires_grad_(True)
-    seconds, spread, notes = {}, {}, {}
+    steps, notes, seconds, spread = {}, {}, {}, {}
     for impl in impls:
         try:
-            step = make_step(impl.module(case.shape, device), x, dy, case.mode)
+            steps[impl.name] = make_step(impl.module(case.shape, device), x, dy, case.mode)
             with cudnn_enabled(impl.cudnn):
-                notes[impl.name] = check_ran(impl, ops_called(step))
-                seconds[impl.name], spread[impl.name] = measure(step, device, min_run_time, threads)
+                notes[impl.name] = check_ran(impl, ops_called(steps[impl.name]))
         except Exception as e:  # shown in the table as 'err', explained under it
             seconds[impl.name], notes[impl.name] = None, f"error: {type(e).__name__}: {e}"
+            steps.pop(impl.name, None)
+    timed = [impl for impl in impls if impl.name in steps]
+    per_round = {impl.name: [] for impl in timed}
+    for r in range(rounds):
+        for impl in timed[r % len(timed):] + timed[:r % len(timed)] if timed else []:
+            try:
+                with cudnn_enabled(impl.cudnn):
+                    t, iqr = measure(steps[impl.name], device, min_run_time / rounds, threads)
+                per_round[impl.name].append((t, iqr))
+            except Exception as e:
+                seconds[impl.name], notes[impl.name] = None, f"error: {type(e).__name__}: {e}"
+    for name, values in per_round.items():
+        if seconds.get(name, 0) is None or not values:
+            continue
+        medians = sorted(t for t, _ in values)
+        seconds[name] = medians[len(medians) // 2]
+        # noisy: a wide spread within a round, or between the rounds
+        within = sorted(iqr for _, iqr in values)[len(values) // 2]
+        spread[name] = max(within, (medians[-1] - medians[0]) / seconds[name] if len(medians) > 1 else 0.0)
     baselines = tuple(i.name for i in impls if i.backend is None)
     return Row(case, seconds, baselines, copy_gbps(case, device, min_run_time, threads), notes, spread)
 
@@ -164,7 +189,9 @@ def parse_args(argv=None):
     p.add_argument("--layouts", default=",".join(C.LAYOUTS), help="contiguous,channels_last (4-D shapes only)")
     p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--modes", default=",".join(C.MODES), help="comma-separated: fwd,fwd+bwd,eval")
-    p.add_argument("--min-run-time", type=float, help="seconds per measurement (default 0.5; --quick 0.05)")
+    p.add_argument("--min-run-time", type=float, help="seconds per column and case (default 0.6; --quick 0.05)")
+    p.add_argument("--rounds", type=int, help="the columns take turns this many times per case, each for "
+                                              "min-run-time / rounds; the median round counts (default 3; --quick 1)")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: the usable cores)")
     p.add_argument("--out", help="results file; '-' for none (default benchmarks/results/cpu.md or cuda-<gpu>.md)")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of nn/backend per case (needs matplotlib)")
@@ -185,7 +212,9 @@ def parse_args(argv=None):
         if bad:
             p.error(f"unknown {what} {bad}; choose from {list(allowed)}")
     if args.min_run_time is None:
-        args.min_run_time = 0.05 if args.quick else 0.5
+        args.min_run_time = 0.05 if args.quick else 0.6
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.out is None and not args.quick:
@@ -204,12 +233,12 @@ def main(argv=None):
     names = [i.name for i in impls]
     baselines = tuple(i.name for i in impls if i.backend is None)
     timer = cuda_timer_name() if args.device == "cuda" else "torch.utils.benchmark blocked_autorange"
-    head = report.header(args.device, args.threads, BACKENDS, timer, args.min_run_time)
+    head = report.header(args.device, args.threads, BACKENDS, timer, args.min_run_time, args.rounds)
     print(head)
     print(report.table_head(names, baselines), flush=True)
     rows, lines = [], []
     for case in C.make_cases(args.shapes, args.layouts, args.dtypes, args.modes):
-        rows.append(run_case(case, impls, args.device, args.min_run_time, args.threads))
+        rows.append(run_case(case, impls, args.device, args.min_run_time, args.threads, args.rounds))
         lines.append(report.format_row(rows[-1], names))
         print(lines[-1], flush=True)
         if args.device == "cuda":

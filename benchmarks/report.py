@@ -70,7 +70,7 @@ def git_revision() -> str:
         return "unknown"
 
 
-def header(device, threads, backends, timer, min_run_time) -> str:
+def header(device, threads, backends, timer, min_run_time, rounds=1) -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines = [f"# Batch norm speed: torch_bn_manual against torch.nn ({device})", ""]
     load = ", load average %.2f %.2f %.2f at start" % os.getloadavg() if hasattr(os, "getloadavg") else ""
@@ -81,7 +81,8 @@ def header(device, threads, backends, timer, min_run_time) -> str:
     lines.append(f"- torch {torch.__version__}; torch_bn_manual backends: {', '.join(backends) or 'none (package not importable)'}")
     lines.append(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; git {git_revision()}")
     lines.append(f"- command: `{shlex.join(getattr(sys, 'orig_argv', [sys.executable] + sys.argv))}`")
-    lines.append(f"- timing: {timer}, median of one call, min_run_time {min_run_time} s per measurement")
+    lines.append(f"- timing: {timer}, median of one call; the columns take turns in {rounds} round(s) of "
+                 f"{min_run_time / rounds:.2g} s each per case, and the median round counts")
     lines.append("- modules hold float32 parameters for every input dtype; train modes update the running stats;"
                  " fwd+bwd is `m(x).backward(dy)` with grads set to None each call")
     lines.append("- GB/s counts the least traffic: fwd and eval read x and write y; fwd+bwd adds reading x and dy and"
@@ -139,7 +140,8 @@ def table_head(names, baselines) -> str:
 def footnotes(rows) -> str:
     lines = []
     if any(v > NOISY for r in rows for v in r.spread.values()):
-        lines.append(f"~ noisy: the interquartile range of the timings exceeds {NOISY:.0%} of their median.")
+        lines.append(f"~ noisy: the interquartile range within a round, or the spread between the rounds, "
+                     f"exceeds {NOISY:.0%} of the median.")
     if any(n.startswith("cuDNN declined") for r in rows for n in r.notes.values()):
         lines.append("† cuDNN was on but torch.nn ran its native kernels for this case.")
     for r in rows:

@@ -42,6 +42,11 @@ TORCH_LIBRARY(torch_bn_manual, m) {
   m.def(
       "batch_norm_backward_elementwise(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd,"
       " Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
+  // The running statistics after a training batch (functional: the Python
+  // layer copies the results into the buffers).
+  m.def(
+      "batch_norm_running_stats(Tensor save_mean, Tensor save_invstd, Tensor running_mean, Tensor running_var,"
+      " Tensor momentum, float eps, SymInt count) -> (Tensor new_running_mean, Tensor new_running_var)");
 }
 
 namespace {
@@ -60,7 +65,7 @@ void without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, t
 TORCH_LIBRARY_IMPL(torch_bn_manual, Autograd, m) {
   for (const char* name : {"batch_norm_backward", "batch_norm_collect_stats", "batch_norm_merge_stats",
                            "batch_norm_elementwise", "batch_norm_backward_reduce",
-                           "batch_norm_backward_elementwise"}) {
+                           "batch_norm_backward_elementwise", "batch_norm_running_stats"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autograd>());
   }
 }

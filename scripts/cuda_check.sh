@@ -105,7 +105,7 @@ import torch_bn_manual._C  # noqa: F401  (runs the registrations)
 EXPECTED = {
     "batch_norm_train_forward", "batch_norm_eval_forward", "batch_norm_backward",
     "batch_norm_collect_stats", "batch_norm_merge_stats", "batch_norm_elementwise",
-    "batch_norm_backward_reduce", "batch_norm_backward_elementwise",
+    "batch_norm_backward_reduce", "batch_norm_backward_elementwise", "batch_norm_running_stats",
 }
 names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
                if n.startswith("torch_bn_manual::"))

@@ -12,10 +12,11 @@ from cases import Case  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd", "eval"])
-@pytest.mark.parametrize("shape,layout", [((4, 3, 6, 6), "channels_last"), ((16, 5), "contiguous")])
-def test_run_case_times_every_column(shape, layout, mode):
+@pytest.mark.parametrize("shape,layout,rounds", [((4, 3, 6, 6), "channels_last", 1), ((16, 5), "contiguous", 2)])
+def test_run_case_times_every_column(shape, layout, rounds, mode):
     impls = bench.impls_for("cpu")
-    row = bench.run_case(Case(shape, layout, "float32", mode), impls, "cpu", min_run_time=0.005, threads=1)
+    row = bench.run_case(Case(shape, layout, "float32", mode), impls, "cpu", min_run_time=0.01, threads=1,
+                         rounds=rounds)
     names = [i.name for i in impls]
     assert set(row.seconds) == set(names)
     for name in names:

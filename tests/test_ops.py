@@ -265,6 +265,46 @@ def test_merge_stats(dtype, gen):
     assert all(t.eq(0).all() for t in empty)
 
 
+@pytest.mark.parametrize("stats_dtype,running_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float32),
+                                                       (torch.float64, torch.float64)])
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 1.0, "tensor"])
+def test_running_stats(stats_dtype, running_dtype, momentum, gen):
+    """batch_norm_running_stats against float64 math, and equal to the python backend's formula."""
+    channels, count = 7, 13
+    mean = randn(channels, gen, stats_dtype, offset=3.0)
+    invstd = (randn(channels, gen, torch.float64).abs() + 0.5).to(stats_dtype)
+    running_mean = randn(channels, gen, running_dtype)
+    running_var = randn(channels, gen, running_dtype).abs() + 0.1
+    f = torch.rand((), generator=gen, dtype=torch.float64) if momentum == "tensor" else torch.tensor(momentum,
+                                                                                                     dtype=torch.float64)
+    before = (running_mean.clone(), running_var.clone())
+    new_mean, new_var = OPS.batch_norm_running_stats(mean, invstd, running_mean, running_var, f, EPS, count)
+    # functional: the running tensors are not touched
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+    assert new_mean.dtype == running_dtype and new_var.dtype == running_dtype
+    var = (1 / invstd.double() ** 2 - EPS).clamp_min(0) * count / (count - 1)
+    want_mean = f * mean.double() + (1 - f) * running_mean.double()
+    want_var = f * var + (1 - f) * running_var.double()
+    rtol = 1e-15 if running_dtype == torch.float64 else 1e-7
+    assert torch.allclose(new_mean.double(), want_mean, rtol=rtol, atol=0)
+    assert torch.allclose(new_var.double(), want_var, rtol=rtol, atol=0)
+    # The python backend stores the same values (same formula, same order of operations).
+    py = ops._python.running_stats(mean, invstd, running_mean, running_var, f, EPS, count)
+    assert torch.equal(py[0], new_mean) and torch.equal(py[1], new_var)
+    # A float momentum through the backend interface is the same op.
+    if momentum != "tensor":
+        via_interface = ops.running_stats(mean, invstd, running_mean, running_var, momentum, EPS, count)
+        assert torch.equal(via_interface[0], new_mean) and torch.equal(via_interface[1], new_var)
+
+
+def test_running_stats_bad_input():
+    ones = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="more than one value per channel"):
+        OPS.batch_norm_running_stats(ones, ones, ones.float(), ones.float(), torch.tensor(0.1), EPS, 1)
+    with pytest.raises(RuntimeError, match="one value per channel"):
+        OPS.batch_norm_running_stats(ones, ones, torch.ones(4), ones.float(), torch.tensor(0.1), EPS, 5)
+
+
 # ---------------------------------------------------------------------------
 # docs/architecture.md: accuracy, determinism, empty batch
 # ---------------------------------------------------------------------------
@@ -464,6 +504,12 @@ def opcheck_samples():
         m2 = randn((groups, 4), gen, dtype).abs()
         count = torch.tensor([[5.0], [0.0], [7.0]][:groups], dtype=dtype).expand(groups, 4).contiguous()
         samples.append(("merge_stats", f"{groups}x4-{str(dtype)[6:]}", (mean, m2, count)))
+    for saved_dtype, running_dtype in [(torch.float64, torch.float32), (torch.float32, torch.float32)]:
+        mean = randn(5, gen, saved_dtype)
+        invstd = (randn(5, gen, saved_dtype).abs() + 0.5)
+        running = (randn(5, gen, running_dtype), randn(5, gen, running_dtype).abs())
+        samples.append(("running_stats", f"{str(saved_dtype)[6:]}-{str(running_dtype)[6:]}",
+                        (mean, invstd, *running, torch.tensor(0.25, dtype=torch.float64), EPS, 9)))
     return samples
 
 

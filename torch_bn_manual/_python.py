@@ -25,6 +25,8 @@ __all__ = [
     "elementwise",
     "backward_reduce",
     "backward_elementwise",
+    "running_stats",
+    "blend_running_stats",
     "differentiable_backward",
 ]
 
@@ -259,3 +261,32 @@ def backward_elementwise(grad_output: Tensor, input: Tensor, mean: Tensor, invst
     x = input.contiguous(memory_format=suggest_memory_format(input))
     dy = grad_output.contiguous(memory_format=suggest_memory_format(input))
     return _grad_input(dy, x, weight, mean, invstd, sum_dy, sum_dy_xmu, count.to(invstd.dtype), True)
+
+
+def blend_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
+                        count, momentum) -> Tuple[Tensor, Tensor]:
+    """(new running_mean, new running_var): f·batch + (1 - f)·running, the variance unbiased (var·M/(M-1)).
+
+    batch_var is the biased variance of M = count values; count and momentum
+    f may be numbers or tensors (no .item(), so torch.compile traces a tensor
+    momentum). Computed in float64 with the operations in the order of
+    csrc/running_stats.h, so both backends store the same values.
+    """
+    f = momentum.to(torch.float64) if isinstance(momentum, Tensor) else momentum
+    unbiased = batch_var.to(torch.float64) * (count / (count - 1))
+    new_mean = f * batch_mean.to(torch.float64) + (1 - f) * running_mean.to(torch.float64)
+    new_var = f * unbiased + (1 - f) * running_var.to(torch.float64)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, running_var: Tensor,
+                  momentum, eps: float, count: int) -> Tuple[Tensor, Tensor]:
+    """The running statistics after a training batch, from train_forward's save_mean/save_invstd.
+
+    The biased batch variance is rebuilt as 1/invstd² - eps (clamped at 0).
+    Returns new tensors; the caller copies them into the buffers.
+    """
+    with torch.no_grad():
+        invstd = save_invstd.to(torch.float64)
+        batch_var = (1.0 / (invstd * invstd) - eps).clamp_min(0)
+        return blend_running_stats(running_mean, running_var, save_mean, batch_var, count, momentum)

@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import _python
 from .backends import get_backend
 
 __all__ = ["batch_norm", "check_batch_norm_inputs", "update_running_stats"]
@@ -90,14 +91,13 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
     batch_var is the biased variance of M = count values. Written in tensor ops
     (no .item()), so a tensor momentum traces under torch.compile.
     """
+    if running_mean is None or running_var is None:
+        return
+    new_mean, new_var = _python.blend_running_stats(running_mean, running_var, batch_mean, batch_var, count,
+                                                    momentum)
     with torch.no_grad():
-        if running_mean is not None:
-            new_mean = momentum * batch_mean + (1 - momentum) * running_mean.to(batch_mean.dtype)
-            running_mean.copy_(new_mean)
-        if running_var is not None:
-            unbiased = batch_var * (count / (count - 1))
-            new_var = momentum * unbiased + (1 - momentum) * running_var.to(batch_var.dtype)
-            running_var.copy_(new_var)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
 
 
 def _empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
@@ -123,10 +123,12 @@ def _batch_norm_checked(input: Tensor, running_mean: Optional[Tensor], running_v
     if not training:
         return impl.eval_forward(input, weight, bias, running_mean, running_var, eps)
     output, mean, invstd = impl.train_forward(input, weight, bias, eps)
-    if running_mean is not None or running_var is not None:
+    if running_mean is not None:  # and running_var: the checks allow both or neither
+        count = input.numel() // input.size(1)
+        new_mean, new_var = impl.running_stats(mean, invstd, running_mean, running_var, momentum, eps, count)
         with torch.no_grad():
-            batch_var = (1.0 / (invstd * invstd) - eps).clamp_min(0)
-        update_running_stats(running_mean, running_var, mean, batch_var, input.numel() // input.size(1), momentum)
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
     return output
 
 

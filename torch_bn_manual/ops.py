@@ -37,6 +37,7 @@ __all__ = [
     "elementwise",
     "backward_reduce",
     "backward_elementwise",
+    "running_stats",
 ]
 
 _ops = torch.ops.torch_bn_manual
@@ -125,6 +126,11 @@ def _backward_reduce_fake(grad_output, input, mean, invstd):
 def _backward_elementwise_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     _check_input(input)
     return _like_input(input)
+
+
+@torch.library.register_fake(_LIB + "batch_norm_running_stats")
+def _running_stats_fake(save_mean, save_invstd, running_mean, running_var, momentum, eps, count):
+    return torch.empty_like(running_mean), torch.empty_like(running_var)
 
 
 # ---------------------------------------------------------------------------
@@ -241,3 +247,11 @@ def backward_elementwise(grad_output: Tensor, input: Tensor, mean: Tensor, invst
     if not isinstance(count, Tensor):
         count = torch.tensor(count, dtype=sum_dy.dtype, device=sum_dy.device)
     return _ops.batch_norm_backward_elementwise(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+
+
+def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, running_var: Tensor,
+                  momentum, eps: float, count: int) -> Tuple[Tensor, Tensor]:
+    """The running statistics after a training batch (new tensors; the caller copies them into the buffers)."""
+    if not isinstance(momentum, Tensor):
+        momentum = torch.tensor(momentum, dtype=torch.float64)
+    return _ops.batch_norm_running_stats(save_mean, save_invstd, running_mean, running_var, momentum, eps, count)

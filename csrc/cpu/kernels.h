@@ -37,5 +37,10 @@ at::Tensor backward_elementwise(const at::Tensor& grad_output, const at::Tensor&
                                 const at::Tensor& invstd, const OptTensor& weight, const at::Tensor& sum_dy,
                                 const at::Tensor& sum_dy_xmu, const at::Tensor& count);
 
+// running_stats.cpp
+std::tuple<at::Tensor, at::Tensor> running_stats(const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                                 const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                 const at::Tensor& momentum, double eps, int64_t count);
+
 }  // namespace cpu
 }  // namespace torch_bn_manual

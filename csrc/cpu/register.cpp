@@ -13,4 +13,5 @@ TORCH_LIBRARY_IMPL(torch_bn_manual, CPU, m) {
   m.impl("batch_norm_elementwise", &elementwise);
   m.impl("batch_norm_backward_reduce", &backward_reduce);
   m.impl("batch_norm_backward_elementwise", &backward_elementwise);
+  m.impl("batch_norm_running_stats", &running_stats);
 }

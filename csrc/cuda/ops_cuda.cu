@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "launchers.h"
+#include "running_stats.h"
 #include "tensor_args.cuh"
 
 namespace torch_bn_manual {
@@ -302,4 +303,6 @@ TORCH_LIBRARY_IMPL(torch_bn_manual, CUDA, m) {
   m.impl("batch_norm_elementwise", &elementwise);
   m.impl("batch_norm_backward_reduce", &backward_reduce);
   m.impl("batch_norm_backward_elementwise", &backward_elementwise);
+  // A few values per channel: the tensor-ops formula (csrc/running_stats.h).
+  m.impl("batch_norm_running_stats", &torch_bn_manual::running_stats_tensor_ops);
 }
