@@ -189,6 +189,9 @@ def parse_args(argv=None):
     p.add_argument("--layouts", default=",".join(C.LAYOUTS), help="contiguous,channels_last (4-D shapes only)")
     p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--modes", default=",".join(C.MODES), help="comma-separated: fwd,fwd+bwd,eval")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="glibc keeps freed memory for reuse (mallopt: no trimming, no mmap for large blocks), so "
+                        "no column pays page faults for fresh output memory; a diagnostic, not the default")
     p.add_argument("--min-run-time", type=float, help="seconds per column and case (default 0.6; --quick 0.05)")
     p.add_argument("--rounds", type=int, help="the columns take turns this many times per case, each for "
                                               "min-run-time / rounds; the median round counts (default 3; --quick 1)")
@@ -225,8 +228,25 @@ def parse_args(argv=None):
     return args
 
 
+def keep_freed_memory() -> str:
+    """Tell glibc malloc to keep freed memory: returns a line for the report, or why it could not."""
+    import ctypes
+    import ctypes.util
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        ok = libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError) as e:
+        return f"- allocator: could not set glibc mallopt ({e}); default behaviour"
+    if not ok:
+        return "- allocator: glibc mallopt refused; default behaviour"
+    return ("- allocator: glibc told to keep freed memory (mallopt M_TRIM_THRESHOLD and M_MMAP_THRESHOLD 1 GiB): "
+            "outputs reuse pages instead of faulting in fresh ones")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    allocator_line = keep_freed_memory() if args.keep_freed_memory else None
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     impls = impls_for(args.device)
@@ -234,6 +254,8 @@ def main(argv=None):
     baselines = tuple(i.name for i in impls if i.backend is None)
     timer = cuda_timer_name() if args.device == "cuda" else "torch.utils.benchmark blocked_autorange"
     head = report.header(args.device, args.threads, BACKENDS, timer, args.min_run_time, args.rounds)
+    if allocator_line:
+        head = head.rstrip("\n") + "\n" + allocator_line + "\n"
     print(head)
     print(report.table_head(names, baselines), flush=True)
     rows, lines = [], []

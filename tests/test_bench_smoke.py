@@ -44,3 +44,11 @@ def test_bfloat16_input_with_float32_module():
     row = bench.run_case(Case((4, 3, 5, 5), "contiguous", "bfloat16", "fwd+bwd"), bench.impls_for("cpu", []),
                          "cpu", min_run_time=0.005, threads=1)
     assert not row.notes["nn"] and row.seconds["nn"] > 0 and row.gbps("nn") > 0
+
+
+def test_keep_freed_memory_reports_what_it_did():
+    line = bench.keep_freed_memory()
+    assert line.startswith("- allocator: ")
+    args = bench.parse_args(["--keep-freed-memory", "--quick", "--out", "-"])
+    assert args.keep_freed_memory and args.rounds == 1
+    assert bench.parse_args(["--out", "-"]).rounds == 3

@@ -12,7 +12,8 @@
 //   NCL  per channel (whole channels per thread): one reduction read of x and
 //        dy, then the grad_input pass over the same channel, last runs first,
 //        while it is mostly still in L2;
-//   NLC  one reduction pass over x and dy, then the grad_input pass.
+//   NLC  one reduction pass over x and dy, then the grad_input pass, last
+//        rows first (those the reduction left in cache).
 // Outputs of 16 MiB and more are written with non-temporal stores. Sums use
 // the fixed blocks/tasks of loops.h, so they are independent of the thread
 // count.
@@ -151,13 +152,15 @@ void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCo
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
       at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
-        const int64_t off = begin * C;
-        if (train) {
-          grad_rows<S>(dy + off, x + off, dx + off, C, end - begin, C, g.a.data(), g.k.data(), g.cst.data(),
-                       g.mh.data());
-        } else {
-          scale_rows<S>(dy + off, dx + off, C, end - begin, C, g.a.data());
-        }
+        row_blocks_last_first(begin, end, C, [&](int64_t r0, int64_t r1) {
+          const int64_t off = r0 * C;
+          if (train) {
+            grad_rows<S>(dy + off, x + off, dx + off, C, r1 - r0, C, g.a.data(), g.k.data(), g.cst.data(),
+                         g.mh.data());
+          } else {
+            scale_rows<S>(dy + off, dx + off, C, r1 - r0, C, g.a.data());
+          }
+        });
         stream_fence();
       });
     } else {

@@ -6,7 +6,7 @@
 //                      for the statistics (stats.h), then the normalize pass
 //                      over the same channel, last runs first, mostly from L2;
 //   train_forward NLC  one statistics pass over x, then one normalize pass
-//                      reading x and writing y;
+//                      reading x (last rows first, from cache) and writing y;
 //   eval / elementwise one read of x, one write of y.
 // Outputs of 16 MiB and more are written with non-temporal stores (loops.h).
 #include <ATen/ATen.h>
@@ -46,8 +46,9 @@ void normalize(const T* x, T* y, const View& v, const NormCoefs<opmath_t<T>>& k)
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
       at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
-        normalize_rows<S>(x + begin * C, y + begin * C, C, end - begin, C, k.mh.data(), k.scale.data(),
-                          k.shift.data());
+        row_blocks_last_first(begin, end, C, [&](int64_t r0, int64_t r1) {
+          normalize_rows<S>(x + r0 * C, y + r0 * C, C, r1 - r0, C, k.mh.data(), k.scale.data(), k.shift.data());
+        });
         stream_fence();
       });
     } else {

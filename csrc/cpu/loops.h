@@ -426,6 +426,24 @@ inline void scale_run(const T* dy, T* dx, int64_t n, op_t a) {
       [&](int64_t i) { return static_cast<op_t>(dy[i]) * a; });
 }
 
+// The elementwise pass after a reduction over the same rows visits them last
+// first: the reduction ended on the last rows, which are the ones still in
+// the cache. (With x and dy as large as the last-level cache, a first-to-last
+// second pass would find none of them there: each line is evicted just
+// before it is needed again.) Within a block the sweep is forward, what the
+// prefetchers follow; blocks hold about kRowBlockValues values.
+constexpr int64_t kRowBlockValues = 16384;
+
+template <typename F>
+inline void row_blocks_last_first(int64_t begin, int64_t end, int64_t row_values, const F& f) {
+  const int64_t block = std::max<int64_t>(1, kRowBlockValues / std::max<int64_t>(row_values, 1));
+  for (int64_t r1 = end; r1 > begin;) {
+    const int64_t r0 = std::max(begin, r1 - block);
+    f(r0, r1);
+    r1 = r0;
+  }
+}
+
 // The same three over `rows` consecutive NLC rows with per-channel
 // coefficient arrays, row after row (a plain forward sweep through memory;
 // the coefficients stay in L1). The row kernels are not inlined: each call
