@@ -519,3 +519,18 @@ OPCHECK_SAMPLES = opcheck_samples()
 @pytest.mark.parametrize("op,tag,args", OPCHECK_SAMPLES, ids=[f"{s[0]}-{s[1]}" for s in OPCHECK_SAMPLES])
 def test_opcheck(op, tag, args):
     torch.library.opcheck(getattr(OPS, "batch_norm_" + op), args)
+
+
+def test_eval_backward_uses_the_statistics_of_the_forward(gen):
+    """Eval saves the running statistics themselves: a backward after an in-place update raises, never
+    differentiates a different function."""
+    x = randn((4, 3, 5), gen).requires_grad_()
+    w, b = (t.requires_grad_() for t in params(3, gen, torch.float32))
+    running_mean, running_var = randn(3, gen), randn(3, gen).abs() + 0.5
+    y = OPS.batch_norm_eval_forward(x, w, b, running_mean, running_var, EPS)
+    (dx,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    want = (w * torch.rsqrt(running_var.double() + EPS)).float().view(1, 3, 1).expand_as(x)
+    assert torch.allclose(dx, want, rtol=1e-6, atol=0)
+    running_var.add_(1.0)  # what a training step does to the buffers
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), x)

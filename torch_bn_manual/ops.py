@@ -183,18 +183,22 @@ def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
 
 def _eval_setup_context(ctx, inputs, output):
     input, weight, bias, running_mean, running_var, eps = inputs
-    # The statistics as constants, in the statistics dtype; copies, so that a
-    # later in-place update of the running buffers does not touch them.
-    sdt = _stats_dtype(input.dtype)
-    mean = running_mean.detach().to(sdt, copy=True)
-    invstd = torch.rsqrt(running_var.detach().to(sdt, copy=True) + eps)
-    ctx.save_for_backward(input, weight, mean, invstd)
+    # The running statistics themselves, not copies (a copy per call costs
+    # more than the kernel on small layers). save_for_backward checks their
+    # version: a backward after they were updated in place raises autograd's
+    # "modified by an inplace operation" rather than return the gradient of
+    # a different function.
+    ctx.save_for_backward(input, weight, running_mean, running_var)
     ctx.eps = eps
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _eval_backward(ctx, grad_output):
-    input, weight, mean, invstd = ctx.saved_tensors
+    input, weight, running_mean, running_var = ctx.saved_tensors
+    # The statistics as constants, in the statistics dtype.
+    sdt = _stats_dtype(input.dtype)
+    mean = running_mean.detach().to(sdt)
+    invstd = torch.rsqrt(running_var.detach().to(sdt) + ctx.eps)
     return _backward(ctx, grad_output, input, weight, mean, invstd, False) + (None, None, None)
 
 
