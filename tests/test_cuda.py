@@ -530,6 +530,12 @@ def opcheck_samples():
         m2 = randn((groups, 4), gen, dtype).abs()
         count = torch.tensor([[5.0], [0.0], [7.0]][:groups], dtype=dtype, device=DEV).expand(groups, 4).contiguous()
         samples.append(("merge_stats", f"{groups}x4-{str(dtype)[6:]}", (mean, m2, count)))
+    for saved_dtype, running_dtype in [(torch.float64, torch.float32), (torch.float32, torch.float32)]:
+        mean = randn(5, gen, saved_dtype)
+        invstd = randn(5, gen, saved_dtype).abs() + 0.5
+        running = (randn(5, gen, running_dtype), randn(5, gen, running_dtype).abs())
+        samples.append(("running_stats", f"{str(saved_dtype)[6:]}-{str(running_dtype)[6:]}",
+                        (mean, invstd, *running, torch.tensor(0.25, dtype=torch.float64, device=DEV), EPS, 9)))
     return samples
 
 
@@ -539,6 +545,23 @@ OPCHECK_SAMPLES = opcheck_samples()
 @pytest.mark.parametrize("op,tag,args", OPCHECK_SAMPLES, ids=[f"{s[0]}-{s[1]}" for s in OPCHECK_SAMPLES])
 def test_opcheck(op, tag, args):
     torch.library.opcheck(getattr(OPS, "batch_norm_" + op), args)
+
+
+@pytest.mark.parametrize("momentum_device", ["cpu", "cuda"])
+@pytest.mark.parametrize("saved_dtype,running_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float32),
+                                                       (torch.float64, torch.float64)])
+def test_running_stats_matches_cpu(saved_dtype, running_dtype, momentum_device, gen):
+    """The CUDA registration (ATen ops) computes what the CPU loop does: same formula, same order, in double."""
+    mean = randn(7, gen, saved_dtype, offset=3.0)
+    invstd = randn(7, gen, saved_dtype).abs() + 0.5
+    running_mean, running_var = randn(7, gen, running_dtype), randn(7, gen, running_dtype).abs() + 0.1
+    f = torch.rand((), dtype=torch.float64, device=momentum_device)
+    got = OPS.batch_norm_running_stats(mean, invstd, running_mean, running_var, f, EPS, 13)
+    want = OPS.batch_norm_running_stats(mean.cpu(), invstd.cpu(), running_mean.cpu(), running_var.cpu(), f.cpu(),
+                                        EPS, 13)
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda" and g.dtype == running_dtype
+        assert torch.allclose(g.cpu().double(), w.double(), rtol=2 * torch.finfo(running_dtype).eps, atol=0)
 
 
 def _conv_net():
