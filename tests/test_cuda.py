@@ -45,10 +45,12 @@ if _REASON is not None:
 import torch_bn_manual as bnm  # noqa: E402
 from torch_bn_manual import ops  # noqa: E402
 
+from op_reference import (  # noqa: E402  (float64 references, shared with the other op tests)
+    EPS, HALF, output_format, param_dtype, ref_backward, ref_normalize,
+    ref_stats, ref_train_forward, rel_err, stats_dtype)
+
 OPS = torch.ops.torch_bn_manual
 DEV = torch.device("cuda")
-EPS = 1e-5
-HALF = (torch.bfloat16, torch.float16)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # max |ours - float64 math| / max |float64 math|, per input dtype
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -89,72 +91,10 @@ def layout(x, name):
     raise ValueError(name)
 
 
-def param_dtype(dtype):
-    return torch.float32 if dtype in HALF else dtype
-
-
-def stats_dtype(dtype):
-    return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def params(channels, gen, dtype):
     w = randn(channels, gen, param_dtype(dtype), offset=1.0, scale=0.1)
     b = randn(channels, gen, param_dtype(dtype))
     return w, b
-
-
-def dims_of(x):
-    return [0] + list(range(2, x.dim()))
-
-
-def bcast(v, x):
-    return v.view((1, -1) + (1,) * (x.dim() - 2))
-
-
-def ref_stats(x):
-    xd = x.double()
-    mean = xd.mean(dims_of(x))
-    m2 = ((xd - bcast(mean, x)) ** 2).sum(dims_of(x))
-    return mean, m2, x.numel() // x.size(1)
-
-
-def ref_normalize(x, w, b, mean, invstd):
-    y = (x.double() - bcast(mean.double(), x)) * bcast(invstd.double(), x)
-    if w is not None:
-        y = y * bcast(w.double(), x)
-    if b is not None:
-        y = y + bcast(b.double(), x)
-    return y
-
-
-def ref_train_forward(x, w, b, eps=EPS):
-    mean, m2, count = ref_stats(x)
-    invstd = 1 / torch.sqrt(m2 / count + eps)
-    return ref_normalize(x, w, b, mean, invstd), mean, invstd
-
-
-def ref_backward(dy, x, w, mean, invstd, train):
-    xd, dyd, mean, invstd = x.double(), dy.double(), mean.double(), invstd.double()
-    wd = torch.ones_like(mean) if w is None else w.double()
-    count = x.numel() // x.size(1)
-    xmu = xd - bcast(mean, x)
-    sum_dy = dyd.sum(dims_of(x))
-    sum_dy_xmu = (dyd * xmu).sum(dims_of(x))
-    if train:
-        dx = bcast(wd * invstd, x) * (dyd - bcast(sum_dy / count, x)
-                                     - xmu * bcast(invstd * invstd * sum_dy_xmu / count, x))
-    else:
-        dx = bcast(wd * invstd, x) * dyd
-    return dx, sum_dy_xmu * invstd, sum_dy
-
-
-def rel_err(actual, expected):
-    scale = expected.double().abs().max().clamp_min(1e-30)
-    return ((actual.double() - expected.double()).abs().max() / scale).item()
-
-
-def output_format(x):
-    return torch._prims_common.suggest_memory_format(x)
 
 
 def formats_of(t):
