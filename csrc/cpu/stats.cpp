@@ -162,9 +162,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> collect_stats(const at::Tensor& i
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& mean, const at::Tensor& m2,
                                                            const at::Tensor& count) {
   const char* op = "batch_norm_merge_stats";
-  TORCH_CHECK(mean.dim() == 2, op, ": mean must be (G, C), got ", mean.sizes());
-  TORCH_CHECK(m2.sizes() == mean.sizes(), op, ": m2 must have mean's shape ", mean.sizes(), ", got ", m2.sizes());
-  TORCH_CHECK(at::isFloatingType(mean.scalar_type()), op, ": mean must be floating point, got ", mean.scalar_type());
+  check_merge_stats_args(mean, m2, op);
   const int64_t G = mean.size(0), C = mean.size(1);
   const at::Tensor mean_d = mean.detach().to(at::kDouble).contiguous();
   const at::Tensor m2_d = m2.detach().to(at::kDouble).contiguous();

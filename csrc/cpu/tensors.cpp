@@ -6,25 +6,6 @@
 namespace torch_bn_manual {
 namespace cpu {
 
-at::ScalarType stats_dtype(at::ScalarType input) {
-  return (input == at::kDouble || input == at::kFloat) ? at::kDouble : at::kFloat;
-}
-
-void check_input(const at::Tensor& input, const char* op) {
-  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op, ": expected input of shape (N, C, *) with 0 to 3 ",
-              "spatial dims, got ", input.dim(), " dims");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": input must be float64, float32, float16 or bfloat16, got ", dtype);
-}
-
-void check_same_shape(const at::Tensor& other, const at::Tensor& input, const char* op, const char* name) {
-  TORCH_CHECK(other.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ", input.sizes(),
-              ", got ", other.sizes());
-  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
-              input.scalar_type(), ", got ", other.scalar_type());
-}
-
 Dense dense_input(const at::Tensor& input) {
   Dense d;
   d.format = output_format(input);

@@ -1,5 +1,5 @@
-// Tensor-level plumbing shared by the CPU ops: argument checks, the
-// statistics dtype rule, and per-channel values to and from tensors.
+// Tensor-level plumbing shared by the CPU ops: the dense layout of the input,
+// and per-channel values to and from tensors (argument checks: op_checks.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,24 +8,15 @@
 #include <vector>
 
 #include "cpu/loops.h"
+#include "op_checks.h"  // stats_dtype, check_input, check_same_shape
 
 namespace torch_bn_manual {
 namespace cpu {
-
-// docs/architecture.md: float64 and float32 input keep float64 statistics,
-// float16 and bfloat16 input float32 ones.
-at::ScalarType stats_dtype(at::ScalarType input);
 
 // A value as the statistics dtype stores it (float32 rounding where it is float32).
 inline double round_to(double v, at::ScalarType dtype) {
   return dtype == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v;
 }
-
-// An (N, C, *) floating input with 0 to 3 spatial dims, on the CPU.
-void check_input(const at::Tensor& input, const char* op);
-
-// `other` must have input's shape (grad_output).
-void check_same_shape(const at::Tensor& other, const at::Tensor& input, const char* op, const char* name);
 
 // The input laid out densely in `format`, and how to walk it.
 struct Dense {

@@ -1,6 +1,6 @@
-// Tensor-level plumbing of the CUDA ops: argument checks (the same rules and
-// messages as the CPU ops), the statistics dtype rule, the dense layout of the
-// input, and per-channel tensors turned into kernel arguments.
+// Tensor-level plumbing of the CUDA ops: the CUDA side of the argument checks
+// (the shared rules and messages: op_checks.h), the dense layout of the input,
+// and per-channel tensors turned into kernel arguments.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "launchers.h"
+#include "op_checks.h"  // stats_dtype, check_same_shape, check_merge_stats_args
 
 namespace torch_bn_manual {
 namespace cuda {
@@ -30,33 +31,15 @@ inline DType to_dtype(at::ScalarType t) {
   }
 }
 
-// docs/architecture.md: float64 and float32 input keep float64 statistics,
-// float16 and bfloat16 input float32 ones.
-inline at::ScalarType stats_dtype(at::ScalarType input) {
-  return (input == at::kDouble || input == at::kFloat) ? at::kDouble : at::kFloat;
-}
-
 // The dtype of the per-channel coefficients (ChannelParams): the compute type.
 inline at::ScalarType compute_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// op_checks.h's rules, on a CUDA tensor.
 inline void check_input(const at::Tensor& input, const char* op) {
-  TORCH_CHECK(input.dim() >= 2 && input.dim() <= 5, op, ": expected input of shape (N, C, *) with 0 to 3 ",
-              "spatial dims, got ", input.dim(), " dims");
-  const auto dtype = input.scalar_type();
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op,
-              ": input must be float64, float32, float16 or bfloat16, got ", dtype);
+  torch_bn_manual::check_input(input, op);
   TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got ", input.device());
-}
-
-inline void check_same_shape(const at::Tensor& other, const at::Tensor& input, const char* op, const char* name) {
-  TORCH_CHECK(other.sizes() == input.sizes(), op, ": ", name, " must have the input's shape ", input.sizes(),
-              ", got ", other.sizes());
-  TORCH_CHECK(other.scalar_type() == input.scalar_type(), op, ": ", name, " must have the input's dtype ",
-              input.scalar_type(), ", got ", other.scalar_type());
-  TORCH_CHECK(other.device() == input.device(), op, ": ", name, " must be on the input's device ", input.device(),
-              ", got ", other.device());
 }
 
 // The input laid out densely in its suggested memory format, and its geometry.
