@@ -143,37 +143,31 @@ struct GradCoefs {
   }
 };
 
-// grad_input for every value; eval mode (train=false) reads only dy. A plain
-// forward sweep; large outputs are streamed.
+// grad_input for every value; eval mode (train=false) reads only dy
+// (loops.h: the order of the pass); large outputs are streamed.
 template <typename T>
 void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCoefs<opmath_t<T>>& g, bool train) {
   const int64_t C = v.C, L = v.L;
   with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
-      at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
-        row_blocks_last_first(begin, end, C, [&](int64_t r0, int64_t r1) {
-          const int64_t off = r0 * C;
-          if (train) {
-            grad_rows<S>(dy + off, x + off, dx + off, C, r1 - r0, C, g.a.data(), g.k.data(), g.cst.data(),
-                         g.mh.data());
-          } else {
-            scale_rows<S>(dy + off, dx + off, C, r1 - r0, C, g.a.data());
-          }
-        });
-        stream_fence();
+      for_row_ranges_last_first(v, [&](int64_t r0, int64_t r1) {
+        const int64_t off = r0 * C;
+        if (train) {
+          grad_rows<S>(dy + off, x + off, dx + off, C, r1 - r0, C, g.a.data(), g.k.data(), g.cst.data(),
+                       g.mh.data());
+        } else {
+          scale_rows<S>(dy + off, dx + off, C, r1 - r0, C, g.a.data());
+        }
       });
     } else {
-      at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t c = i % C, off = i * L;
-          if (train) {
-            grad_run<S>(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c]);
-          } else {
-            scale_run<S>(dy + off, dx + off, L, g.a[c]);
-          }
+      for_runs(v, [&](int64_t i) {
+        const int64_t c = i % C, off = i * L;
+        if (train) {
+          grad_run<S>(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c]);
+        } else {
+          scale_run<S>(dy + off, dx + off, L, g.a[c]);
         }
-        stream_fence();
       });
     }
   });

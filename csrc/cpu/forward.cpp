@@ -37,27 +37,21 @@ struct NormCoefs {
   }
 };
 
-// y for every value, given per-channel coefficients: a plain forward sweep
-// (what the hardware prefetchers follow best); large outputs are streamed.
+// y for every value, given per-channel coefficients (loops.h: the order of
+// the pass); large outputs are streamed.
 template <typename T>
 void normalize(const T* x, T* y, const View& v, const NormCoefs<opmath_t<T>>& k) {
   const int64_t C = v.C, L = v.L;
   with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
-      at::parallel_for(0, v.M(), grain_for(C), [&](int64_t begin, int64_t end) {
-        row_blocks_last_first(begin, end, C, [&](int64_t r0, int64_t r1) {
-          normalize_rows<S>(x + r0 * C, y + r0 * C, C, r1 - r0, C, k.mh.data(), k.scale.data(), k.shift.data());
-        });
-        stream_fence();
+      for_row_ranges_last_first(v, [&](int64_t r0, int64_t r1) {
+        normalize_rows<S>(x + r0 * C, y + r0 * C, C, r1 - r0, C, k.mh.data(), k.scale.data(), k.shift.data());
       });
     } else {
-      at::parallel_for(0, v.N * C, grain_for(L), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t c = i % C;
-          normalize_run<S>(x + i * L, y + i * L, L, k.mh[c], k.scale[c], k.shift[c]);
-        }
-        stream_fence();
+      for_runs(v, [&](int64_t i) {
+        const int64_t c = i % C;
+        normalize_run<S>(x + i * L, y + i * L, L, k.mh[c], k.scale[c], k.shift[c]);
       });
     }
   });

@@ -20,6 +20,7 @@
 //        range. Per channel, the tasks are folded in row order.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -426,22 +427,39 @@ inline void scale_run(const T* dy, T* dx, int64_t n, op_t a) {
       [&](int64_t i) { return static_cast<op_t>(dy[i]) * a; });
 }
 
-// The elementwise pass after a reduction over the same rows visits them last
-// first: the reduction ended on the last rows, which are the ones still in
-// the cache. (With x and dy as large as the last-level cache, a first-to-last
-// second pass would find none of them there: each line is evicted just
-// before it is needed again.) Within a block the sweep is forward, what the
-// prefetchers follow; blocks hold about kRowBlockValues values.
+// The elementwise passes: every value on its own, in parallel, and the
+// streamed stores (kStream) fenced before the threads finish.
+//
+// NLC: f(r0, r1) on ranges of rows. A thread visits its share last rows
+// first: the reduction before the pass ended on them, so they are the ones
+// still in cache. (With x and dy as large as the last-level cache, a
+// first-to-last second pass would find none of them there: each line is
+// evicted just before it is needed again.) Within a range the sweep is
+// forward, what the prefetchers follow; ranges hold about kRowBlockValues values.
 constexpr int64_t kRowBlockValues = 16384;
 
 template <typename F>
-inline void row_blocks_last_first(int64_t begin, int64_t end, int64_t row_values, const F& f) {
-  const int64_t block = std::max<int64_t>(1, kRowBlockValues / std::max<int64_t>(row_values, 1));
-  for (int64_t r1 = end; r1 > begin;) {
-    const int64_t r0 = std::max(begin, r1 - block);
-    f(r0, r1);
-    r1 = r0;
-  }
+inline void for_row_ranges_last_first(const View& v, const F& f) {
+  const int64_t block = std::max<int64_t>(1, kRowBlockValues / std::max<int64_t>(v.C, 1));
+  at::parallel_for(0, v.M(), grain_for(v.C), [&](int64_t begin, int64_t end) {
+    for (int64_t r1 = end; r1 > begin;) {
+      const int64_t r0 = std::max(begin, r1 - block);
+      f(r0, r1);
+      r1 = r0;
+    }
+    stream_fence();
+  });
+}
+
+// NCL: f(i) for every run i = n * C + c (L values at i * L), first to last.
+template <typename F>
+inline void for_runs(const View& v, const F& f) {
+  at::parallel_for(0, v.N * v.C, grain_for(v.L), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      f(i);
+    }
+    stream_fence();
+  });
 }
 
 // The same three over `rows` consecutive NLC rows with per-channel
