@@ -28,7 +28,7 @@ sys.path.append(os.path.dirname(HERE))  # the repo, when the package is not inst
 import cases as C  # noqa: E402
 import report  # noqa: E402
 from report import Row  # noqa: E402
-from timing import cuda_timer_name, measure, ops_called  # noqa: E402
+from timing import cuda_timer_name, measure, ops_called, take_turns  # noqa: E402
 
 try:
     import torch_bn_manual as bnm
@@ -157,24 +157,13 @@ def run_case(case, impls, device="cpu", min_run_time=0.5, threads=None, rounds=1
         except Exception as e:  # shown in the table as 'err', explained under it
             seconds[impl.name], notes[impl.name] = None, f"error: {type(e).__name__}: {e}"
             steps.pop(impl.name, None)
-    timed = [impl for impl in impls if impl.name in steps]
-    per_round = {impl.name: [] for impl in timed}
-    for r in range(rounds):
-        for impl in timed[r % len(timed):] + timed[:r % len(timed)] if timed else []:
-            try:
-                with cudnn_enabled(impl.cudnn):
-                    t, iqr = measure(steps[impl.name], device, min_run_time / rounds, threads)
-                per_round[impl.name].append((t, iqr))
-            except Exception as e:
-                seconds[impl.name], notes[impl.name] = None, f"error: {type(e).__name__}: {e}"
-    for name, values in per_round.items():
-        if seconds.get(name, 0) is None or not values:
-            continue
-        medians = sorted(t for t, _ in values)
-        seconds[name] = medians[len(medians) // 2]
-        # noisy: a wide spread within a round, or between the rounds
-        within = sorted(iqr for _, iqr in values)[len(values) // 2]
-        spread[name] = max(within, (medians[-1] - medians[0]) / seconds[name] if len(medians) > 1 else 0.0)
+    cudnn = {impl.name: impl.cudnn for impl in impls}
+    timed, errors = take_turns(steps, device, min_run_time, threads, rounds,
+                               context=lambda name: cudnn_enabled(cudnn[name]))
+    for name, (t, noise) in timed.items():
+        seconds[name], spread[name] = t, noise
+    for name, e in errors.items():
+        seconds[name], notes[name] = None, f"error: {type(e).__name__}: {e}"
     baselines = tuple(i.name for i in impls if i.backend is None)
     return Row(case, seconds, baselines, copy_gbps(case, device, min_run_time, threads), notes, spread)
 

@@ -14,18 +14,16 @@ bench.py times whole steps. This splits them, to explain the ratios there:
 
 glibc is told to keep freed memory for this run (bench.py --keep-freed-memory),
 so that page faults on fresh output memory, which come and go with the heap's
-history, do not blur the split. Columns take turns within each round; the
-median of the round medians is shown.
+history, do not blur the split. Columns take turns within each round
+(timing.take_turns); the median of the round medians is shown.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
-import torch.utils.benchmark as benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -33,23 +31,12 @@ sys.path.append(os.path.dirname(HERE))
 
 import bench  # noqa: E402
 import report  # noqa: E402
+from timing import take_turns  # noqa: E402
 import torch_bn_manual as bnm  # noqa: E402
 
 SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7), (4096, 1024)]
 TINY = (4, 16, 4, 4)
 OPS = torch.ops.torch_bn_manual
-
-
-def median_time(fns: dict, rounds: int, seconds: float, threads: int) -> dict:
-    """{name: median over rounds of the median time of one call}, the callables taking turns."""
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fns[name]()
-            t = benchmark.Timer("f()", globals={"f": fns[name]}, num_threads=threads)
-            times[name].append(t.blocked_autorange(min_run_time=seconds / rounds).median)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def step_parts(shape, layout, threads, rounds, seconds) -> dict:
@@ -82,7 +69,10 @@ def step_parts(shape, layout, threads, rounds, seconds) -> dict:
         "ours fwd kernel": lambda: OPS.batch_norm_train_forward(xd, w, b, 1e-5),
         "ours bwd kernel": lambda: OPS.batch_norm_backward(dy, xd, w, mean, invstd, True, 1e-5, [True, True, True]),
     }
-    return median_time(fns, rounds, seconds, threads)
+    timed, errors = take_turns(fns, "cpu", seconds, threads, rounds)
+    if errors:
+        raise RuntimeError(f"timing failed: {errors}")
+    return {name: t for name, (t, _) in timed.items()}
 
 
 def ms(t):

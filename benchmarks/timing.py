@@ -1,6 +1,8 @@
 """How a callable is timed, and which operators it really runs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils.benchmark as benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,6 +35,39 @@ def measure(fn, device: str, min_run_time: float, threads: int):
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median, m.iqr / m.median
+
+
+def take_turns(fns: dict, device: str, seconds: float, threads: int, rounds: int, context=None):
+    """Time several callables fairly on a machine whose speed drifts.
+
+    Each of `rounds` rounds times every callable for seconds / rounds (with
+    measure()), starting with a different one each round, so a slow spell
+    hits them all alike. Returns ({name: (median of the round medians,
+    spread)}, {name: error}); spread is the larger of the median
+    interquartile range within a round and the range between rounds, both
+    relative to the median. `context(name)`, when given, wraps each timing
+    (e.g. a cuDNN switch). A callable that raises is dropped with its error.
+    """
+    results, errors = {}, {}
+    names = list(fns)
+    per_round = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+            if name in errors:
+                continue
+            try:
+                with context(name) if context else contextlib.nullcontext():
+                    per_round[name].append(measure(fns[name], device, seconds / rounds, threads))
+            except Exception as e:  # reported by the caller
+                errors[name] = e
+    for name, values in per_round.items():
+        if name in errors or not values:
+            continue
+        medians = sorted(t for t, _ in values)
+        median = medians[len(medians) // 2]
+        within = sorted(iqr for _, iqr in values)[len(values) // 2]
+        results[name] = (median, max(within, (medians[-1] - medians[0]) / median if len(medians) > 1 else 0.0))
+    return results, errors
 
 
 class _OpRecorder(TorchDispatchMode):
