@@ -1,6 +1,8 @@
 """Float64 references for the compiled ops' tests (tests/test_ops.py on the CPU,
 tests/test_cuda.py on a GPU): statistics, normalize and backward computed
 directly from the formulas of docs/derivation.md, on any device."""
+import itertools
+
 import torch
 
 EPS = 1e-5
@@ -68,3 +70,15 @@ def rel_err(actual, expected):
 
 def output_format(x):
     return torch._prims_common.suggest_memory_format(x)
+
+
+def layout_cases(shapes, dtypes):
+    """(shape, dtype, layout name) for every shape and dtype: contiguous, noncontiguous, channels_last (4-D, 5-D)."""
+    return [(shape, dtype, name)
+            for shape, dtype in itertools.product(shapes, dtypes)
+            for name in ["contiguous", "noncontiguous"] + (["channels_last"] if len(shape) >= 4 else [])]
+
+
+def case_id(case):
+    shape, dtype, name = case
+    return f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}"

@@ -46,7 +46,7 @@ import torch_bn_manual as bnm  # noqa: E402
 from torch_bn_manual import ops  # noqa: E402
 
 from op_reference import (  # noqa: E402  (float64 references, shared with the other op tests)
-    EPS, HALF, output_format, param_dtype, ref_backward, ref_normalize,
+    EPS, HALF, case_id, layout_cases, output_format, param_dtype, ref_backward, ref_normalize,
     ref_stats, ref_train_forward, rel_err, stats_dtype)
 
 OPS = torch.ops.torch_bn_manual
@@ -117,19 +117,7 @@ SHAPES = [(4, 3, 5, 7), (2, 2, 70, 64), (3, 40, 6, 5), (5, 16, 7, 7), (50, 7), (
           (3, 1, 4, 4), (6, 20, 1, 1), (2, 3, 3, 4, 5), (2, 16, 2, 4, 4), (8, 1000), (4, 3, 128, 96)]
 
 
-def cases():
-    for shape, dtype in itertools.product(SHAPES, DTYPES):
-        names = ["contiguous", "noncontiguous"] + (["channels_last"] if len(shape) >= 4 else [])
-        for name in names:
-            yield shape, dtype, name
-
-
-CASES = list(cases())
-
-
-def case_id(case):
-    shape, dtype, name = case
-    return f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}"
+CASES = layout_cases(SHAPES, DTYPES)
 
 
 # ---------------------------------------------------------------------------

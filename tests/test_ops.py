@@ -16,7 +16,7 @@ except ImportError as error:  # the extension is not built
     pytest.skip(f"torch_bn_manual._C is not built ({error})", allow_module_level=True)
 
 from op_reference import (  # noqa: E402  (float64 references, shared with the other op tests)
-    EPS, HALF, bcast, output_format, param_dtype, ref_backward,
+    EPS, HALF, case_id, layout_cases, bcast, output_format, param_dtype, ref_backward,
     ref_normalize, ref_stats, ref_train_forward, rel_err, stats_dtype)
 
 OPS = torch.ops.torch_bn_manual
@@ -65,19 +65,7 @@ SHAPES = [(4, 3, 5, 7), (2, 2, 70, 64), (3, 40, 6, 5), (50, 7), (33, 600), (4, 6
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
-def cases():
-    for shape, dtype in itertools.product(SHAPES, DTYPES):
-        names = ["contiguous", "noncontiguous"] + (["channels_last"] if len(shape) >= 4 else [])
-        for name in names:
-            yield shape, dtype, name
-
-
-CASES = list(cases())
-
-
-def case_id(case):
-    shape, dtype, name = case
-    return f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}"
+CASES = layout_cases(SHAPES, DTYPES)
 
 
 # ---------------------------------------------------------------------------
