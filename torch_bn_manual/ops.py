@@ -253,24 +253,9 @@ def backward_elementwise(grad_output: Tensor, input: Tensor, mean: Tensor, invst
     return _ops.batch_norm_backward_elementwise(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
 
 
-_MOMENTUM_TENSORS = {}
-
-
-def _momentum_tensor(momentum: float) -> Tensor:
-    """A float momentum as the op's 0-d float64 tensor, made once per value (the op never writes it)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor(momentum, dtype=torch.float64)
-    tensor = _MOMENTUM_TENSORS.get(momentum)
-    if tensor is None:
-        if len(_MOMENTUM_TENSORS) >= 64:  # a momentum schedule: keep the cache small
-            _MOMENTUM_TENSORS.clear()
-        tensor = _MOMENTUM_TENSORS[momentum] = torch.tensor(momentum, dtype=torch.float64)
-    return tensor
-
-
 def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, running_var: Tensor,
                   momentum, eps: float, count: int) -> Tuple[Tensor, Tensor]:
     """The running statistics after a training batch (new tensors; the caller copies them into the buffers)."""
     if not isinstance(momentum, Tensor):
-        momentum = _momentum_tensor(momentum)
+        momentum = torch.tensor(momentum, dtype=torch.float64)
     return _ops.batch_norm_running_stats(save_mean, save_invstd, running_mean, running_var, momentum, eps, count)
