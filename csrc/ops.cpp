@@ -1,7 +1,8 @@
 // The torch_bn_manual operator schemas: the one place they are declared.
 // Meanings, dtype rules and shapes: docs/architecture.md. Kernels attach per
-// device elsewhere (csrc/cpu/register.cpp, csrc/cuda/); the differentiable
-// ops get their autograd formulas in torch_bn_manual/ops.py.
+// device elsewhere (csrc/cpu/register.cpp, csrc/cuda/); the two forward ops
+// get their autograd kernels in csrc/autograd.cpp, and batch_norm_backward
+// its derivative (double backward) in torch_bn_manual/ops.py.
 #include <Python.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -19,7 +20,7 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(torch_bn_manual, m) {
-  // Differentiable (autograd in ops.py).
+  // Differentiable (autograd kernels: csrc/autograd.cpp).
   m.def(
       "batch_norm_train_forward(Tensor input, Tensor? weight, Tensor? bias, float eps)"
       " -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
@@ -53,8 +54,7 @@ namespace {
 
 // The ops without a derivative formula: run the device kernel with autograd
 // out of the way, so their outputs never require grad (rather than carry a
-// graph that cannot be differentiated). Double backward goes through the
-// autograd formulas of the two forward ops instead (ops.py).
+// graph that cannot be differentiated).
 void without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   at::AutoDispatchBelowADInplaceOrView guard;
   op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
@@ -63,7 +63,7 @@ void without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, t
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_bn_manual, Autograd, m) {
-  for (const char* name : {"batch_norm_backward", "batch_norm_collect_stats", "batch_norm_merge_stats",
+  for (const char* name : {"batch_norm_collect_stats", "batch_norm_merge_stats",
                            "batch_norm_elementwise", "batch_norm_backward_reduce",
                            "batch_norm_backward_elementwise", "batch_norm_running_stats"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autograd>());

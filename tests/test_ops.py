@@ -461,3 +461,31 @@ def test_eval_backward_uses_the_statistics_of_the_forward(gen):
     running_var.add_(1.0)  # what a training step does to the buffers
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(y.sum(), x)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_autograd_runs_in_cpp(train, gen):
+    """The forward ops' autograd nodes are C++ (csrc/autograd.cpp), not a Python autograd.Function:
+    on small layers the Python one cost more than the kernel. The first backward calls the backward
+    kernel; with create_graph=True the result is differentiable again (batch_norm_backward's derivative)."""
+    x = randn((4, 3, 5, 2), gen, torch.float64).requires_grad_()
+    w, b = (t.requires_grad_() for t in params(3, gen, torch.float64))
+    if train:
+        y = OPS.batch_norm_train_forward(x, w, b, EPS)[0]
+    else:
+        y = OPS.batch_norm_eval_forward(x, w, b, randn(3, gen, torch.float64),
+                                        randn(3, gen, torch.float64).abs() + 0.5, EPS)
+    assert "CppNode" in y.grad_fn.name(), y.grad_fn.name()
+    dy = randn(x.shape, gen, torch.float64)
+    dx, dw, db = torch.autograd.grad(y, (x, w, b), dy, create_graph=True)
+    assert dx.requires_grad and dw.requires_grad
+    assert "batch_norm_backward" in dx.grad_fn.name(), dx.grad_fn.name()
+    # The second derivative exists and matches the python backend's.
+    second = torch.autograd.grad((dx * dx).sum() + (dw * dw).sum(), (x, w))
+    if train:
+        from torch_bn_manual import _python
+        y_ref = _python.train_forward(x, w, b, EPS)[0]
+        dx_r, dw_r, _ = torch.autograd.grad(y_ref, (x, w, b), dy, create_graph=True)
+        expected = torch.autograd.grad((dx_r * dx_r).sum() + (dw_r * dw_r).sum(), (x, w))
+        for got, want in zip(second, expected):
+            assert rel_err(got, want) < 1e-10

@@ -47,7 +47,8 @@ _COMPILED_DEVICES = _devices_with_kernels()
 
 
 def _compiled_has_device(device) -> bool:
-    return torch.device(device).type in _COMPILED_DEVICES
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return kind in _COMPILED_DEVICES
 
 
 def available_backends() -> List[str]:

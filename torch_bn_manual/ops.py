@@ -6,11 +6,14 @@ the C++ side leaves to Python:
 
 - a fake (meta) implementation of every op, for torch.compile and
   torch.library.opcheck: output shapes, dtypes and memory formats only;
-- autograd formulas for batch_norm_train_forward and batch_norm_eval_forward.
-  The first backward runs the compiled batch_norm_backward; when the graph of
-  the backward itself is wanted (create_graph=True, e.g. gradgradcheck) it
-  runs _python.differentiable_backward, which autograd can differentiate again.
-  The other ops have no derivative: their outputs never require grad;
+- the derivative of batch_norm_backward, which double backward needs. The
+  two forward ops have their autograd kernels in C++ (csrc/autograd.cpp, no
+  Python on the training path): their first backward runs batch_norm_backward
+  below autograd; when the graph of the backward itself is wanted
+  (create_graph=True, e.g. gradgradcheck) they call it through autograd, and
+  its derivative here differentiates _python.differentiable_backward, the
+  same formula in torch ops. The other ops have no derivative: their outputs
+  never require grad;
 
 and the backend interface of docs/architecture.md, with the signatures of
 _python.py, as thin wrappers over ``torch.ops.torch_bn_manual``.
@@ -137,75 +140,42 @@ def _running_stats_fake(save_mean, save_invstd, running_mean, running_var, momen
 # Autograd
 # ---------------------------------------------------------------------------
 
-def _grad_bias_alone(grad_output: Tensor, bias_dtype: torch.dtype) -> Tensor:
-    """Σ dy per channel, for a bias given without a weight (the kernels pair them)."""
-    dims = [0] + list(range(2, grad_output.dim()))
-    return grad_output.to(_stats_dtype(grad_output.dtype)).sum(dims).to(bias_dtype)
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, input, weight, save_mean, save_invstd, train, eps, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight, save_mean, save_invstd)
+    ctx.train, ctx.eps, ctx.output_mask = train, eps, output_mask
 
 
-def _backward(ctx, grad_output: Tensor, input: Tensor, weight: Optional[Tensor], mean: Tensor,
-              invstd: Tensor, train: bool):
-    """(grad_input, grad_weight, grad_bias) of both forward ops; None where not needed."""
-    needs = ctx.needs_input_grad
-    if torch.is_grad_enabled():
-        # create_graph=True: the backward must itself be differentiable.
-        grad_input, grad_weight, grad_bias = _python.differentiable_backward(
-            grad_output, input, weight, mean, invstd, train, ctx.eps)
-    else:
-        has_weight = weight is not None
-        mask = [needs[0], has_weight and needs[1], has_weight and needs[2]]
-        grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-            grad_output, input, weight, mean, invstd, train, ctx.eps, mask)
-    if weight is None and needs[2]:
-        grad_bias = _grad_bias_alone(grad_output, ctx.bias_dtype)
-    return (grad_input if needs[0] else None,
-            grad_weight if needs[1] and weight is not None else None,
-            grad_bias if needs[2] else None)
+def _double_backward(ctx, gg_input, gg_weight, gg_bias):
+    """The derivative of batch_norm_backward with respect to grad_output, input and weight.
+
+    Autograd through _python.differentiable_backward, the same formula in
+    torch ops. In training it rebuilds the statistics from `input`, so their
+    dependence on the input is part of the derivative; save_mean and
+    save_invstd are constants for it (as outputs of the forward they carry no
+    gradient). With create_graph=True the result is differentiable once more.
+    """
+    grad_output, input, weight, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        outputs = _python.differentiable_backward(grad_output, input, weight, mean, invstd, ctx.train, ctx.eps)
+        pairs = [(out, gg) for out, gg, asked in zip(outputs, (gg_input, gg_weight, gg_bias), ctx.output_mask)
+                 if asked and out is not None and out.requires_grad and gg is not None and gg.numel() > 0]
+        wrt = [t for t, need in zip((grad_output, input, weight), needs) if need]
+        grads = [None] * len(wrt)
+        if pairs and wrt:
+            grads = torch.autograd.grad([out for out, _ in pairs], wrt, [gg for _, gg in pairs],
+                                        allow_unused=True, create_graph=create_graph)
+    grads = iter(grads)
+    return tuple(next(grads) if need else None for need in needs) + (None,) * 5
 
 
-def _train_setup_context(ctx, inputs, output):
-    input, weight, bias, eps = inputs
-    _, save_mean, save_invstd = output
-    ctx.save_for_backward(input, weight, save_mean, save_invstd)
-    ctx.eps = eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.mark_non_differentiable(save_mean, save_invstd)
-    # No zero tensors for the gradients of save_mean/save_invstd (they have none).
-    ctx.set_materialize_grads(False)
-
-
-def _train_backward(ctx, grad_output, _grad_mean, _grad_invstd):
-    if grad_output is None:  # only save_mean/save_invstd were used
-        return None, None, None, None
-    input, weight, mean, invstd = ctx.saved_tensors
-    return _backward(ctx, grad_output, input, weight, mean, invstd, True) + (None,)
-
-
-def _eval_setup_context(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, eps = inputs
-    # The running statistics themselves, not copies (a copy per call costs
-    # more than the kernel on small layers). save_for_backward checks their
-    # version: a backward after they were updated in place raises autograd's
-    # "modified by an inplace operation" rather than return the gradient of
-    # a different function.
-    ctx.save_for_backward(input, weight, running_mean, running_var)
-    ctx.eps = eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _eval_backward(ctx, grad_output):
-    input, weight, running_mean, running_var = ctx.saved_tensors
-    # The statistics as constants, in the statistics dtype.
-    sdt = _stats_dtype(input.dtype)
-    mean = running_mean.detach().to(sdt)
-    invstd = torch.rsqrt(running_var.detach().to(sdt) + ctx.eps)
-    return _backward(ctx, grad_output, input, weight, mean, invstd, False) + (None, None, None)
-
-
-torch.library.register_autograd(_LIB + "batch_norm_train_forward", _train_backward,
-                                setup_context=_train_setup_context)
-torch.library.register_autograd(_LIB + "batch_norm_eval_forward", _eval_backward,
-                                setup_context=_eval_setup_context)
+# The two forward ops have their autograd kernels in C++ (csrc/autograd.cpp):
+# the first backward calls batch_norm_backward below autograd; with
+# create_graph=True it calls it through autograd, which is this derivative.
+torch.library.register_autograd(_LIB + "batch_norm_backward", _double_backward,
+                                setup_context=_backward_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -257,5 +227,5 @@ def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, 
                   momentum, eps: float, count: int) -> Tuple[Tensor, Tensor]:
     """The running statistics after a training batch (new tensors; the caller copies them into the buffers)."""
     if not isinstance(momentum, Tensor):
-        momentum = torch.tensor(momentum, dtype=torch.float64)
+        momentum = torch.scalar_tensor(momentum, dtype=torch.float64)  # half the cost of torch.tensor
     return _ops.batch_norm_running_stats(save_mean, save_invstd, running_mean, running_var, momentum, eps, count)

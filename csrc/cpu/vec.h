@@ -61,7 +61,21 @@ struct VecIO {
     if constexpr (std::is_same_v<T, op_t>) {
       v.store(p);
     } else {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+      // Eight values rounded to 16 bits and written with one 16-byte store.
+      // (convert_from_float rounds sixteen, and a partial Vectorized store
+      // goes through a buffer: together three times the work.)
+      const __m256 f = v;
+      __m128i h;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        h = at::vec::cvtfp32_bf16(f);
+      } else {
+        h = at::vec::cvtfp32_fp16(f);
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+#else
       at::vec::convert_from_float<T>(v, v).store(p, kSize);
+#endif
     }
   }
 };

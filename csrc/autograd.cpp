@@ -1,0 +1,175 @@
+// Autograd kernels of the two differentiable ops, batch_norm_train_forward
+// and batch_norm_eval_forward, for every device.
+//
+// Why C++ and not torch.library.register_autograd: on a small layer the
+// Python autograd.Function that register_autograd builds costs more than the
+// kernel itself (about 50 us per forward on the 2-core development machine,
+// benchmarks/results/cpu-breakdown.md). Here the forward saves what the
+// backward needs and the backward calls batch_norm_backward, all without
+// entering Python.
+//
+// First-order backward runs batch_norm_backward below autograd. When the
+// graph of the backward is wanted (create_graph=True, gradgradcheck), it is
+// called through autograd instead: ops.py gives batch_norm_backward its own
+// derivative, the one of the differentiable formula in _python.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "op_checks.h"
+
+namespace torch_bn_manual {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using TrainForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);
+using EvalForwardSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, double);
+using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                       const Tensor&, bool, double, std::array<bool, 3>);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+OptTensor optional(const Tensor& t) {
+  return t.defined() ? OptTensor(t) : std::nullopt;
+}
+
+bool present(const OptTensor& t) {
+  return t.has_value() && t->defined();
+}
+
+// What the backward needs to know about the forward's arguments, saved in
+// ctx->saved_data. Gradient edges exist only for the tensors given, so the
+// edge of `bias` is 1 or 2 depending on `weight`.
+void save_arguments(AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias, double eps) {
+  ctx->saved_data["has_weight"] = present(weight);
+  ctx->saved_data["has_bias"] = present(bias);
+  ctx->saved_data["bias_dtype"] = present(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+  ctx->saved_data["eps"] = eps;
+}
+
+// Σ dy per channel in the bias' dtype, for a bias given without a weight (the
+// kernels take a bias only with its weight; functional.py always pairs them).
+Tensor grad_bias_alone(const Tensor& grad_output, at::ScalarType bias_dtype) {
+  std::vector<int64_t> dims{0};
+  for (int64_t d = 2; d < grad_output.dim(); ++d) {
+    dims.push_back(d);
+  }
+  return grad_output.to(stats_dtype(grad_output.scalar_type())).sum(dims).to(bias_dtype);
+}
+
+// The gradients (input, weight, bias) of either forward op, undefined where
+// not needed; mean/invstd are the statistics that normalized the input.
+variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                          const Tensor& mean, const Tensor& invstd, bool train) {
+  const bool has_weight = ctx->saved_data["has_weight"].toBool();
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  const double eps = ctx->saved_data["eps"].toDouble();
+  const bool need_input = ctx->needs_input_grad(0);
+  const bool need_weight = has_weight && ctx->needs_input_grad(1);
+  const bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+  const std::array<bool, 3> mask{need_input, need_weight, has_weight && need_bias};
+  static const auto backward_op = find_op<BackwardSig>("torch_bn_manual::batch_norm_backward");
+  Tensor grad_input, grad_weight, grad_bias;
+  if (c10::GradMode::is_enabled()) {
+    // create_graph=True: through batch_norm_backward's own autograd (ops.py).
+    std::tie(grad_input, grad_weight, grad_bias) =
+        backward_op.call(grad_output, input, optional(weight), mean, invstd, train, eps, mask);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(grad_input, grad_weight, grad_bias) =
+        backward_op.call(grad_output, input, optional(weight), mean, invstd, train, eps, mask);
+  }
+  if (need_bias && !has_weight) {
+    grad_bias = grad_bias_alone(grad_output, static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+  }
+  return {need_input ? grad_input : Tensor(), need_weight ? grad_weight : Tensor(),
+          need_bias ? grad_bias : Tensor()};
+}
+
+struct TrainForward : public torch::autograd::Function<TrainForward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+    static const auto op = find_op<TrainForwardSig>("torch_bn_manual::batch_norm_train_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [output, save_mean, save_invstd] = op.call(input, weight, bias, eps);
+    // The input itself, so that double backward stays connected to it.
+    ctx->save_for_backward({input, weight.value_or(Tensor()), save_mean, save_invstd});
+    save_arguments(ctx, weight, bias, eps);
+    ctx->mark_non_differentiable({save_mean, save_invstd});
+    // No zero tensors for the gradients of save_mean/save_invstd (they have none).
+    ctx->set_materialize_grads(false);
+    return {output, save_mean, save_invstd};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) {  // only save_mean/save_invstd were used
+      return {Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    const variable_list saved = ctx->get_saved_variables();
+    variable_list out = backward_of(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], /*train=*/true);
+    out.emplace_back();  // eps
+    return out;
+  }
+};
+
+struct EvalForward : public torch::autograd::Function<EvalForward> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+                               const OptTensor& bias, const Tensor& running_mean, const Tensor& running_var,
+                               double eps) {
+    static const auto op = find_op<EvalForwardSig>("torch_bn_manual::batch_norm_eval_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor output = op.call(input, weight, bias, running_mean, running_var, eps);
+    // The running statistics themselves, not copies (a copy per call costs
+    // more than the kernel on small layers). Saving them checks their
+    // version: a backward after they were updated in place raises autograd's
+    // "modified by an inplace operation" rather than return the gradient of
+    // a different function.
+    ctx->save_for_backward({input, weight.value_or(Tensor()), running_mean, running_var});
+    save_arguments(ctx, weight, bias, eps);
+    return {output};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor& input = saved[0];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    // The statistics as constants, in the statistics dtype.
+    const auto sdt = stats_dtype(input.scalar_type());
+    const Tensor mean = saved[2].detach().to(sdt);
+    const Tensor invstd = (saved[3].detach().to(sdt) + eps).rsqrt();
+    variable_list out = backward_of(ctx, grads[0], input, saved[1], mean, invstd, /*train=*/false);
+    out.resize(6);  // running_mean, running_var, eps: no gradient
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(const Tensor& input, const OptTensor& weight,
+                                                          const OptTensor& bias, double eps) {
+  const variable_list out = TrainForward::apply(input, weight, bias, eps);
+  return {out[0], out[1], out[2]};
+}
+
+Tensor eval_forward_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                             const Tensor& running_mean, const Tensor& running_var, double eps) {
+  return EvalForward::apply(input, weight, bias, running_mean, running_var, eps)[0];
+}
+
+}  // namespace
+}  // namespace torch_bn_manual
+
+TORCH_LIBRARY_IMPL(torch_bn_manual, Autograd, m) {
+  m.impl("batch_norm_train_forward", &torch_bn_manual::train_forward_autograd);
+  m.impl("batch_norm_eval_forward", &torch_bn_manual::eval_forward_autograd);
+}
