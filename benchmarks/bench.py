@@ -183,7 +183,7 @@ def parse_args(argv=None):
                         "no column pays page faults for fresh output memory; a diagnostic, not the default")
     p.add_argument("--min-run-time", type=float, help="seconds per column and case (default 0.6; --quick 0.05)")
     p.add_argument("--rounds", type=int, help="the columns take turns this many times per case, each for "
-                                              "min-run-time / rounds; the median round counts (default 3; --quick 1)")
+                                              "min-run-time / rounds; the median round counts (default 8; --quick 1)")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: the usable cores)")
     p.add_argument("--out", help="results file; '-' for none (default benchmarks/results/cpu.md or cuda-<gpu>.md)")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of nn/backend per case (needs matplotlib)")
@@ -206,7 +206,7 @@ def parse_args(argv=None):
     if args.min_run_time is None:
         args.min_run_time = 0.05 if args.quick else 0.6
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
+        args.rounds = 1 if args.quick else 8
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.out is None and not args.quick:
