@@ -49,12 +49,9 @@ bool present(const OptTensor& t) {
   return t.has_value() && t->defined();
 }
 
-// What the backward needs to know about the forward's arguments, saved in
-// ctx->saved_data. Gradient edges exist only for the tensors given, so the
-// edge of `bias` is 1 or 2 depending on `weight`.
-void save_arguments(AutogradContext* ctx, const OptTensor& weight, const OptTensor& bias, double eps) {
-  ctx->saved_data["has_weight"] = present(weight);
-  ctx->saved_data["has_bias"] = present(bias);
+// What the backward needs besides the saved tensors: eps, and the bias'
+// dtype (-1: no bias; the bias itself is not needed, so it is not saved).
+void save_arguments(AutogradContext* ctx, const OptTensor& bias, double eps) {
   ctx->saved_data["bias_dtype"] = present(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
   ctx->saved_data["eps"] = eps;
 }
@@ -71,28 +68,28 @@ Tensor grad_bias_alone(const Tensor& grad_output, at::ScalarType bias_dtype) {
 
 // The gradients (input, weight, bias) of either forward op, undefined where
 // not needed; mean/invstd are the statistics that normalized the input.
+// Gradient edges exist only for the tensors given, so the edge of the bias is
+// 1 or 2 depending on the weight.
 variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, const Tensor& input, const Tensor& weight,
                           const Tensor& mean, const Tensor& invstd, bool train) {
-  const bool has_weight = ctx->saved_data["has_weight"].toBool();
-  const bool has_bias = ctx->saved_data["has_bias"].toBool();
-  const double eps = ctx->saved_data["eps"].toDouble();
+  const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+  const bool has_weight = weight.defined();
   const bool need_input = ctx->needs_input_grad(0);
   const bool need_weight = has_weight && ctx->needs_input_grad(1);
-  const bool need_bias = has_bias && ctx->needs_input_grad(has_weight ? 2 : 1);
+  const bool need_bias = bias_dtype >= 0 && ctx->needs_input_grad(has_weight ? 2 : 1);
   const std::array<bool, 3> mask{need_input, need_weight, has_weight && need_bias};
   static const auto backward_op = find_op<BackwardSig>("torch_bn_manual::batch_norm_backward");
-  Tensor grad_input, grad_weight, grad_bias;
-  if (c10::GradMode::is_enabled()) {
-    // create_graph=True: through batch_norm_backward's own autograd (ops.py).
-    std::tie(grad_input, grad_weight, grad_bias) =
-        backward_op.call(grad_output, input, optional(weight), mean, invstd, train, eps, mask);
-  } else {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(grad_input, grad_weight, grad_bias) =
-        backward_op.call(grad_output, input, optional(weight), mean, invstd, train, eps, mask);
+  // First order: the kernel below autograd. create_graph=True (grad mode on
+  // in a backward): through batch_norm_backward's own autograd (ops.py).
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!c10::GradMode::is_enabled()) {
+    below_autograd.emplace();
   }
+  auto [grad_input, grad_weight, grad_bias] =
+      backward_op.call(grad_output, input, optional(weight), mean, invstd, train, ctx->saved_data["eps"].toDouble(),
+                       mask);
   if (need_bias && !has_weight) {
-    grad_bias = grad_bias_alone(grad_output, static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    grad_bias = grad_bias_alone(grad_output, static_cast<at::ScalarType>(bias_dtype));
   }
   return {need_input ? grad_input : Tensor(), need_weight ? grad_weight : Tensor(),
           need_bias ? grad_bias : Tensor()};
@@ -106,7 +103,7 @@ struct TrainForward : public torch::autograd::Function<TrainForward> {
     auto [output, save_mean, save_invstd] = op.call(input, weight, bias, eps);
     // The input itself, so that double backward stays connected to it.
     ctx->save_for_backward({input, weight.value_or(Tensor()), save_mean, save_invstd});
-    save_arguments(ctx, weight, bias, eps);
+    save_arguments(ctx, bias, eps);
     ctx->mark_non_differentiable({save_mean, save_invstd});
     // No zero tensors for the gradients of save_mean/save_invstd (they have none).
     ctx->set_materialize_grads(false);
@@ -137,7 +134,7 @@ struct EvalForward : public torch::autograd::Function<EvalForward> {
     // "modified by an inplace operation" rather than return the gradient of
     // a different function.
     ctx->save_for_backward({input, weight.value_or(Tensor()), running_mean, running_var});
-    save_arguments(ctx, weight, bias, eps);
+    save_arguments(ctx, bias, eps);
     return {output};
   }
 

@@ -46,9 +46,8 @@ def _devices_with_kernels() -> frozenset:
 _COMPILED_DEVICES = _devices_with_kernels()
 
 
-def _compiled_has_device(device) -> bool:
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return kind in _COMPILED_DEVICES
+def _compiled_has_device(device: torch.device) -> bool:
+    return device.type in _COMPILED_DEVICES
 
 
 def available_backends() -> List[str]:
@@ -61,7 +60,7 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, but got {backend!r}")
 
 
-def get_backend(backend: str, device) -> ModuleType:
+def get_backend(backend: str, device: torch.device) -> ModuleType:
     """The module implementing the backend interface (docs/architecture.md) for `device`."""
     global _warned_fallback
     check_backend_name(backend)
@@ -73,7 +72,7 @@ def get_backend(backend: str, device) -> ModuleType:
                                f"({_COMPILED_ERROR}); {_BUILD_HINT}")
         if not _compiled_has_device(device):
             raise RuntimeError(f"torch_bn_manual: the compiled backend has no kernels for device "
-                               f"'{torch.device(device).type}' in this build")
+                               f"'{device.type}' in this build")
         return _compiled
     if _compiled_has_device(device):
         return _compiled
