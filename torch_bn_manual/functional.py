@@ -73,14 +73,19 @@ def check_batch_norm_inputs(input: Tensor, running_mean: Optional[Tensor], runni
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_features:
             raise RuntimeError(f"{name} should contain {num_features} elements not {tensor.numel()}")
-    if input.dtype not in _FLOATING:
-        name = _ATEN_DTYPE_NAMES.get(input.dtype, str(input.dtype))
+    dtype, device = input.dtype, input.device
+    if dtype not in _FLOATING:
+        name = _ATEN_DTYPE_NAMES.get(dtype, str(dtype))
         raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     parameters = (weight, bias, running_mean, running_var)
+    same_dtype = True
     for tensor in parameters:
-        if tensor is not None and tensor.device != input.device:
-            raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {input.device}!")
-    _check_mixed_dtypes(input, parameters)
+        if tensor is not None:
+            if tensor.device != device:
+                raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {device}!")
+            same_dtype = same_dtype and tensor.dtype == dtype
+    if not same_dtype:
+        _check_mixed_dtypes(input, parameters)
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -96,6 +101,22 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
     new_mean, new_var = _python.blend_running_stats(running_mean, running_var, batch_mean, batch_var, count,
                                                     momentum)
     with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+
+
+def _copy_into_buffers(running_mean: Tensor, running_var: Tensor, new_mean: Tensor, new_var: Tensor) -> None:
+    """running_* <- new_*, never recorded by autograd.
+
+    Entering torch.no_grad() costs about as much as both copies; it is only
+    needed when one of the four requires grad (the python backend's new
+    statistics do, when the input does).
+    """
+    if new_mean.requires_grad or new_var.requires_grad or running_mean.requires_grad or running_var.requires_grad:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    else:
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
 
@@ -126,9 +147,7 @@ def _batch_norm_checked(input: Tensor, running_mean: Optional[Tensor], running_v
     if running_mean is not None:  # and running_var: the checks allow both or neither
         count = input.numel() // input.size(1)
         new_mean, new_var = impl.running_stats(mean, invstd, running_mean, running_var, momentum, eps, count)
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+        _copy_into_buffers(running_mean, running_var, new_mean, new_var)
     return output
 
 

@@ -27,13 +27,15 @@ class _BackendBatchNorm:
 
     def _batch_norm_arguments(self):
         """(running_mean, running_var, use batch statistics?) exactly as torch.nn decides them."""
+        # Each buffer is read once: a module attribute lookup costs about as
+        # much as a small op's dispatch.
+        running_mean, running_var = self.running_mean, self.running_var
         if self.training:
             use_batch_stats = True
         else:
-            use_batch_stats = self.running_mean is None and self.running_var is None
-        keep_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_buffers else None
-        running_var = self.running_var if keep_buffers else None
+            use_batch_stats = running_mean is None and running_var is None
+        if self.training and not self.track_running_stats:
+            return None, None, use_batch_stats
         return running_mean, running_var, use_batch_stats
 
     def _momentum_after_counting(self):
@@ -43,20 +45,22 @@ class _BackendBatchNorm:
         traces momentum=None without a graph break.
         """
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / self.num_batches_tracked.to(torch.float64)
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / num_batches_tracked.to(torch.float64)
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
-        functional.check_batch_norm_inputs(input, running_mean, running_var, self.weight, self.bias,
-                                           use_batch_stats, self.eps)
+        weight, bias = self.weight, self.bias
+        functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         factor = self._momentum_after_counting()
-        return functional._batch_norm_checked(input, running_mean, running_var, self.weight, self.bias,
-                                              use_batch_stats, factor, self.eps, self.backend)
+        return functional._batch_norm_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
+                                              self.eps, self.backend)
 
 
 def _nn_options(bias: bool) -> dict:

@@ -382,9 +382,7 @@ inline void map_out(T* out, int64_t n, const VF& vec, const SF& one) {
 #endif
   } else {
     for (; i + 2 * K <= n; i += 2 * K) {
-      const auto v0 = vec(i), v1 = vec(i + K);
-      IO::store(out + i, v0);
-      IO::store(out + i + K, v1);
+      IO::store2(out + i, vec(i), vec(i + K));
     }
     for (; i + K <= n; i += K) {
       IO::store(out + i, vec(i));

@@ -78,6 +78,28 @@ struct VecIO {
 #endif
     }
   }
+
+  // Two vectors to p[0, 2 * kSize). For 16-bit T the sixteen values are
+  // rounded and packed together and go out in one 32-byte store: the pack
+  // and lane permute of the conversion are shared by both halves.
+  static inline void store2(T* p, const Vec& a, const Vec& b) {
+    if constexpr (std::is_same_v<T, op_t>) {
+      a.store(p);
+      b.store(p + kSize);
+    } else {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+      __m256i h;
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        h = at::vec::cvtfp32_bf16(__m256(a), __m256(b));
+      } else {
+        h = at::vec::cvtfp32_fp16(__m256(a), __m256(b));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+#else
+      at::vec::convert_from_float<T>(a, b).store(p);
+#endif
+    }
+  }
 };
 
 // Eight floats as two vectors of four doubles (exact).
