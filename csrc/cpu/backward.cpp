@@ -12,8 +12,8 @@
 //   NCL  per channel (whole channels per thread): one reduction read of x and
 //        dy, then the grad_input pass over the same channel, last runs first,
 //        while it is mostly still in L2;
-//   NLC  one reduction pass over x and dy, then the grad_input pass, last
-//        rows first (those the reduction left in cache).
+//   NLC  one reduction pass over x and dy, then the grad_input pass, each a
+//        forward sweep (loops.h: for_row_ranges).
 // Outputs of 16 MiB and more are written with non-temporal stores. Sums use
 // the fixed blocks/tasks of loops.h, so they are independent of the thread
 // count.
@@ -151,7 +151,7 @@ void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCo
   with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
-      for_row_ranges_last_first(v, [&](int64_t r0, int64_t r1) {
+      for_row_ranges(v, [&](int64_t r0, int64_t r1) {
         const int64_t off = r0 * C;
         if (train) {
           grad_rows<S>(dy + off, x + off, dx + off, C, r1 - r0, C, g.a.data(), g.k.data(), g.cst.data(),

@@ -6,7 +6,7 @@
 //                      for the statistics (stats.h), then the normalize pass
 //                      over the same channel, last runs first, mostly from L2;
 //   train_forward NLC  one statistics pass over x, then one normalize pass
-//                      reading x (last rows first, from cache) and writing y;
+//                      reading x and writing y, each a forward sweep;
 //   eval / elementwise one read of x, one write of y.
 // Outputs of 16 MiB and more are written with non-temporal stores (loops.h).
 #include <ATen/ATen.h>
@@ -45,7 +45,7 @@ void normalize(const T* x, T* y, const View& v, const NormCoefs<opmath_t<T>>& k)
   with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
-      for_row_ranges_last_first(v, [&](int64_t r0, int64_t r1) {
+      for_row_ranges(v, [&](int64_t r0, int64_t r1) {
         normalize_rows<S>(x + r0 * C, y + r0 * C, C, r1 - r0, C, k.mh.data(), k.scale.data(), k.shift.data());
       });
     } else {

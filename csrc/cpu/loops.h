@@ -428,23 +428,15 @@ inline void scale_run(const T* dy, T* dx, int64_t n, op_t a) {
 // The elementwise passes: every value on its own, in parallel, and the
 // streamed stores (kStream) fenced before the threads finish.
 //
-// NLC: f(r0, r1) on ranges of rows. A thread visits its share last rows
-// first: the reduction before the pass ended on them, so they are the ones
-// still in cache. (With x and dy as large as the last-level cache, a
-// first-to-last second pass would find none of them there: each line is
-// evicted just before it is needed again.) Within a range the sweep is
-// forward, what the prefetchers follow; ranges hold about kRowBlockValues values.
-constexpr int64_t kRowBlockValues = 16384;
-
+// NLC: f(r0, r1) on each thread's share of the rows, one forward sweep
+// (what the hardware prefetchers follow). Visiting the share last rows first,
+// in blocks, to find the rows the reduction left in cache, measured slower:
+// 15-35% on the channels-last backward (3.4 vs 2.9 ms at 32x64x56x56, 0.62
+// vs 0.44 ms at 32x256x14x14 float32), no gain on the forward.
 template <typename F>
-inline void for_row_ranges_last_first(const View& v, const F& f) {
-  const int64_t block = std::max<int64_t>(1, kRowBlockValues / std::max<int64_t>(v.C, 1));
+inline void for_row_ranges(const View& v, const F& f) {
   at::parallel_for(0, v.M(), grain_for(v.C), [&](int64_t begin, int64_t end) {
-    for (int64_t r1 = end; r1 > begin;) {
-      const int64_t r0 = std::max(begin, r1 - block);
-      f(r0, r1);
-      r1 = r0;
-    }
+    f(begin, end);
     stream_fence();
   });
 }
