@@ -7,6 +7,7 @@ It does three things and leaves the arithmetic to a backend:
 3. updates the running statistics in training, with tensor ops only, so that
    torch.compile traces it (momentum may be a 0-d tensor: 1/num_batches_tracked).
 """
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -73,19 +74,14 @@ def check_batch_norm_inputs(input: Tensor, running_mean: Optional[Tensor], runni
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_features:
             raise RuntimeError(f"{name} should contain {num_features} elements not {tensor.numel()}")
-    dtype, device = input.dtype, input.device
-    if dtype not in _FLOATING:
-        name = _ATEN_DTYPE_NAMES.get(dtype, str(dtype))
+    if input.dtype not in _FLOATING:
+        name = _ATEN_DTYPE_NAMES.get(input.dtype, str(input.dtype))
         raise NotImplementedError(f'"batch_norm" not implemented for \'{name}\'')
     parameters = (weight, bias, running_mean, running_var)
-    same_dtype = True
     for tensor in parameters:
-        if tensor is not None:
-            if tensor.device != device:
-                raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {device}!")
-            same_dtype = same_dtype and tensor.dtype == dtype
-    if not same_dtype:
-        _check_mixed_dtypes(input, parameters)
+        if tensor is not None and tensor.device != input.device:
+            raise RuntimeError(f"Tensor on device {tensor.device} is not on the expected device {input.device}!")
+    _check_mixed_dtypes(input, parameters)
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -100,9 +96,7 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
         return
     new_mean, new_var = _python.blend_running_stats(running_mean, running_var, batch_mean, batch_var, count,
                                                     momentum)
-    with torch.no_grad():
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
+    _copy_into_buffers(running_mean, running_var, new_mean, new_var)
 
 
 def _copy_into_buffers(running_mean: Tensor, running_var: Tensor, new_mean: Tensor, new_var: Tensor) -> None:
@@ -112,11 +106,9 @@ def _copy_into_buffers(running_mean: Tensor, running_var: Tensor, new_mean: Tens
     needed when one of the four requires grad (the python backend's new
     statistics do, when the input does).
     """
-    if new_mean.requires_grad or new_var.requires_grad or running_mean.requires_grad or running_var.requires_grad:
-        with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-    else:
+    any_grad = (new_mean.requires_grad or new_var.requires_grad
+                or running_mean.requires_grad or running_var.requires_grad)
+    with torch.no_grad() if any_grad else contextlib.nullcontext():
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
 

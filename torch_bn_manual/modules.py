@@ -45,12 +45,11 @@ class _BackendBatchNorm:
         traces momentum=None without a graph break.
         """
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            num_batches_tracked = self.num_batches_tracked
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    factor = 1.0 / num_batches_tracked.to(torch.float64)
+        counted = self.num_batches_tracked if self.training and self.track_running_stats else None
+        if counted is not None:
+            counted.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / counted.to(torch.float64)
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
