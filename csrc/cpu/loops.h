@@ -201,14 +201,32 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
 // a plain row loop.
 // ---------------------------------------------------------------------------
 
+// Both NLC reductions choose their walk through a task by whether the task
+// holds whole rows (n == stride, i.e. C <= kNlcTile):
+//   whole rows:  rows in memory order, one forward stream through the task,
+//                which is what the hardware prefetchers follow from DRAM;
+//   a tile of each row: strips of channels over a few rows (register
+//                accumulators), since a tile-wise walk is no single stream anyway.
+// Measured on channels-last float32 inputs four to sixteen times the size
+// rotated between calls (so each call reads from DRAM, as in a training
+// step), 2 threads, runs alternating:
+//   statistics (collect_stats) 32x64x56x56 1.8-2.0 -> 1.2 ms, 32x128x28x28
+//     1.1-1.3 -> 0.66 ms, 32x256x14x14 0.59-0.66 -> 0.41-0.45 ms, 8192x512
+//     1.31-1.45 -> 1.20-1.29 ms; 4096x1024 (two tiles) 1.0-1.2 -> 2.1-2.5 ms;
+//   backward reduction 32x256x14x14 0.89-0.97 -> 0.47-0.78 ms, 32x512x7x7
+//     0.26-0.53 -> 0.21-0.26 ms; 4096x1024 2.0 -> 2.6 ms.
+// Either walk adds a channel's values row after row, so both give the same bits.
+inline bool whole_rows(int64_t n, int64_t stride) { return n == stride && n <= kNlcTile; }
+
 // s1[c] += x - shift[c],  s2[c] += (x - shift[c])²
 // Sixteen channels at a time (eight independent accumulator chains, enough to
-// cover the add/fma latency), eight rows per load/store of the accumulators.
-template <typename T>
-C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift,
-                                   double* s1, double* s2) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
-    const int64_t r1 = std::min(rows, r0 + 8);
+// cover the add/fma latency), kRows rows per load/store of the accumulators:
+// 1 walks the rows in memory order, 8 in strips.
+template <int kRows, typename T>
+C10_NOINLINE void rows_add_shifted_blocks(const T* x, int64_t stride, int64_t rows, int64_t n,
+                                          const double* shift, double* s1, double* s2) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    const int64_t r1 = std::min(rows, r0 + kRows);
     int64_t c = 0;
     for (; c + 16 <= n; c += 16) {
       dVec h[4], a[4], q[4];
@@ -260,28 +278,32 @@ C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int
   }
 }
 
+template <typename T>
+inline void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift,
+                             double* s1, double* s2) {
+  if (whole_rows(n, stride)) {
+    rows_add_shifted_blocks<1>(x, stride, rows, n, shift, s1, s2);
+  } else {
+    rows_add_shifted_blocks<8>(x, stride, rows, n, shift, s1, s2);
+  }
+}
+
 // sdy[c] += dy,  sdyt[c] += dy·(x - mh[c]), two ways with the same additions
 // in the same order per channel (so the same bits): partial sums over
 // kPartial rows in opmath_t, then added in double.
 //
-// by_row: rows in memory order, the partial sums in L1 arrays (n <= kByRowMaxChannels).
+// by_row: rows in memory order, the partial sums in L1 arrays (whole rows).
 // by_strip: four vectors of channels at a time over kPartial rows, the
 // partial sums in registers (eight independent chains cover the add/fma
-// latency), a strided walk through the block.
-// Measured (the reduction op at channels_last float32, 2 s loops, runs
-// alternating): C = 128, 32x128x28x28: by_row 0.47-0.77 ms, by_strip
-// 0.75-1.67 ms; C = 64: from 12% slower to 20% faster; C = 256: level; C = 512 and
-// 1024: by_strip 10-35% faster. So rows up to kByRowMaxChannels go by row.
-constexpr int64_t kByRowMaxChannels = 128;
-
+// latency), a strided walk through the block (a tile of each row).
 template <typename T, typename op_t = opmath_t<T>>
 C10_NOINLINE void rows_add_dy_dyt_by_row(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n,
                                         const op_t* mh, double* sdy, double* sdyt) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
-  alignas(64) op_t pa[kByRowMaxChannels];
-  alignas(64) op_t pb[kByRowMaxChannels];
+  alignas(64) op_t pa[kNlcTile];
+  alignas(64) op_t pb[kNlcTile];
   for (int64_t r0 = 0; r0 < rows; r0 += kPartial) {
     const int64_t r1 = std::min(rows, r0 + kPartial);
     std::fill(pa, pa + n, op_t(0));
@@ -370,7 +392,7 @@ C10_NOINLINE void rows_add_dy_dyt_by_strip(const T* x, const T* dy, int64_t stri
 template <typename T, typename op_t = opmath_t<T>>
 inline void rows_add_dy_dyt(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n, const op_t* mh,
                             double* sdy, double* sdyt) {
-  if (n <= kByRowMaxChannels) {
+  if (whole_rows(n, stride)) {
     rows_add_dy_dyt_by_row(x, dy, stride, rows, n, mh, sdy, sdyt);
   } else {
     rows_add_dy_dyt_by_strip(x, dy, stride, rows, n, mh, sdy, sdyt);
