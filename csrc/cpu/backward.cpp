@@ -14,9 +14,9 @@
 //        while it is mostly still in L2;
 //   NLC  one reduction pass over x and dy, then the grad_input pass, each a
 //        forward sweep (loops.h: for_row_ranges).
-// Outputs of 16 MiB and more are written with non-temporal stores. Sums use
-// the fixed blocks/tasks of loops.h, so they are independent of the thread
-// count.
+// Passes that move 16 MiB and more write with non-temporal stores (loops.h).
+// Sums use the fixed blocks/tasks of loops.h, so they are independent of the
+// thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -144,11 +144,11 @@ struct GradCoefs {
 };
 
 // grad_input for every value; eval mode (train=false) reads only dy
-// (loops.h: the order of the pass); large outputs are streamed.
+// (loops.h: the order of the pass); the output of a large pass is streamed.
 template <typename T>
 void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCoefs<opmath_t<T>>& g, bool train) {
   const int64_t C = v.C, L = v.L;
-  with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+  with_streaming(pass_bytes(v, train ? 3 : 2, sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
       for_row_ranges(v, [&](int64_t r0, int64_t r1) {
@@ -186,7 +186,7 @@ void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const Bac
   using op_t = opmath_t<T>;
   const int64_t C = v.C, L = v.L;
   const double count = static_cast<double>(v.M());
-  with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+  with_streaming(pass_bytes(v, 3, sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {

@@ -8,7 +8,7 @@
 //   train_forward NLC  one statistics pass over x, then one normalize pass
 //                      reading x and writing y, each a forward sweep;
 //   eval / elementwise one read of x, one write of y.
-// Outputs of 16 MiB and more are written with non-temporal stores (loops.h).
+// Passes that move 16 MiB and more write with non-temporal stores (loops.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -38,11 +38,11 @@ struct NormCoefs {
 };
 
 // y for every value, given per-channel coefficients (loops.h: the order of
-// the pass); large outputs are streamed.
+// the pass); the output of a large pass is streamed.
 template <typename T>
 void normalize(const T* x, T* y, const View& v, const NormCoefs<opmath_t<T>>& k) {
   const int64_t C = v.C, L = v.L;
-  with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+  with_streaming(pass_bytes(v, 2, sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
       for_row_ranges(v, [&](int64_t r0, int64_t r1) {
@@ -75,7 +75,7 @@ void train_forward_kernel(const Dense& d, const std::vector<double>& w, const st
   };
   if (!v.nlc && ncl_by_channel(v)) {
     const int64_t C = v.C, L = v.L;
-    with_streaming(v.M() * C * int64_t(sizeof(T)), [&](auto stream) {
+    with_streaming(pass_bytes(v, 2, sizeof(T)), [&](auto stream) {
       constexpr bool S = decltype(stream)::value;
       at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
