@@ -86,14 +86,19 @@ void nlc_states(const T* x, const View& v, State* out) {
       }
     }
   });
+  // Task after task, channels inside: each channel's merges stay in row
+  // order (the same bits), but consecutive merges are of different channels,
+  // so their division and fma latencies overlap instead of forming one
+  // chain per channel (at 32x512x7x7, 13 tasks: the fold was a fifth of the op).
   at::parallel_for(0, C, grain_for(t.row_tasks * 8), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      State s{0.0, 0.0, 0.0};
-      for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
-        const double count = static_cast<double>(std::min(M, (rt + 1) * t.task_rows) - rt * t.task_rows);
-        s = welford_merge(s, State{t_mean[rt * C + c], t_m2[rt * C + c], count});
+    std::fill(out + begin, out + end, State{0.0, 0.0, 0.0});
+    for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
+      const double count = static_cast<double>(std::min(M, (rt + 1) * t.task_rows) - rt * t.task_rows);
+      const double* mean = t_mean.data() + rt * C;
+      const double* m2 = t_m2.data() + rt * C;
+      for (int64_t c = begin; c < end; ++c) {
+        out[c] = welford_merge(out[c], State{mean[c], m2[c], count});
       }
-      out[c] = s;
     }
   });
 }
