@@ -10,7 +10,11 @@ is profiled to check that the column runs what it claims to run.
 
 Options: --quick (few shapes, short runs: a smoke run), --shapes 32x64x56x56,4096x1024,
 --layouts, --dtypes, --modes fwd,fwd+bwd,eval, --min-run-time S, --rounds R, --threads N,
---out PATH ('-' for no file), --plot FILE.png (needs matplotlib).
+--out PATH ('-' for no file), --plot FILE.png (needs matplotlib), --system-allocator.
+
+glibc malloc is told to keep freed memory (see --system-allocator): every column then
+reuses the pages of its previous outputs, instead of some columns faulting in fresh
+pages on every call and others not, depending on what ran before them.
 """
 from __future__ import annotations
 
@@ -178,9 +182,11 @@ def parse_args(argv=None):
     p.add_argument("--layouts", default=",".join(C.LAYOUTS), help="contiguous,channels_last (4-D shapes only)")
     p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--modes", default=",".join(C.MODES), help="comma-separated: fwd,fwd+bwd,eval")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="glibc keeps freed memory for reuse (mallopt: no trimming, no mmap for large blocks), so "
-                        "no column pays page faults for fresh output memory; a diagnostic, not the default")
+    p.add_argument("--system-allocator", action="store_true",
+                   help="leave glibc malloc at its defaults. By default it is told to keep freed memory (mallopt: "
+                        "no trimming, no mmap for large blocks), because otherwise whether a column's outputs fault "
+                        "in fresh pages (3,100 faults, about 5 ms, per 12.8 MB output here) depends on what the "
+                        "columns before it freed, not on the column itself")
     p.add_argument("--min-run-time", type=float, help="seconds per column and case (default 0.6; --quick 0.05)")
     p.add_argument("--rounds", type=int, help="the columns take turns this many times per case, each for "
                                               "min-run-time / rounds; the median round counts (default 8; --quick 1)")
@@ -235,7 +241,8 @@ def keep_freed_memory() -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    allocator_line = keep_freed_memory() if args.keep_freed_memory else None
+    allocator_line = ("- allocator: glibc malloc at its defaults (--system-allocator): outputs may fault in fresh "
+                      "pages, depending on the heap's history" if args.system_allocator else keep_freed_memory())
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     impls = impls_for(args.device)

@@ -49,6 +49,7 @@ def test_bfloat16_input_with_float32_module():
 def test_keep_freed_memory_reports_what_it_did():
     line = bench.keep_freed_memory()
     assert line.startswith("- allocator: ")
-    args = bench.parse_args(["--keep-freed-memory", "--quick", "--out", "-"])
-    assert args.keep_freed_memory and args.rounds == 1
+    assert not bench.parse_args(["--quick", "--out", "-"]).system_allocator
+    args = bench.parse_args(["--system-allocator", "--quick", "--out", "-"])
+    assert args.system_allocator and args.rounds == 1
     assert bench.parse_args(["--out", "-"]).rounds == 8
