@@ -201,37 +201,80 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
 // a plain row loop.
 // ---------------------------------------------------------------------------
 
-// Both NLC reductions choose their walk through a task by whether the task
-// holds whole rows (n == stride, i.e. C <= kNlcTile):
+// The two NLC reductions walk a task differently.
+//
+// Statistics: strips of sixteen channels over a block of kStatRows rows, the
+// accumulators in registers, and while a block is summed, the next block is
+// prefetched. In L3 the strips are what makes the pass
+// fast (no accumulator stores per row); from DRAM they are only fast with
+// the prefetch: the hardware prefetchers do not follow a walk that visits
+// kStatRows rows side by side, so the next block is requested in memory
+// order (rows whole; for the tiles of wider rows the prefetch is left to the
+// hardware). Channels-last float32, collect_stats alone,
+// inputs rotated among four copies (each call reads from DRAM), 2 threads,
+// runs alternating:
+//   rows in memory order (one accumulator load/store per value)
+//     32x128x28x28 0.64-0.68 ms, 32x256x14x14 0.31-0.39, 32x512x7x7 0.15-0.17,
+//     32x64x56x56 1.09-1.29
+//   strips of 8 rows, no prefetch
+//     32x128x28x28 1.07 ms, 32x512x7x7 0.10-0.12, 32x64x56x56 1.16-1.22
+//   strips of 8 rows, next block prefetched
+//     32x128x28x28 0.35-0.38 ms, 32x256x14x14 0.18-0.23, 32x512x7x7 0.11-0.12,
+//     32x64x56x56 0.86-1.08
+//   (x.sum(), a plain read of the same copies: 0.24-0.28, -, 0.028, 0.73-0.83)
+// With the prefetch, strips of 16 rows measured slower than 8 (without it,
+// 2 and 4 rows no better); prefetching a fixed 2 to 16 KiB ahead instead of
+// one block, the same or slower.
+//
+// Backward reduction: by whether the task holds whole rows (n == stride,
+// i.e. C <= kNlcTile):
 //   whole rows:  rows in memory order, one forward stream through the task,
 //                which is what the hardware prefetchers follow from DRAM;
 //   a tile of each row: strips of channels over a few rows (register
 //                accumulators). Rows in memory order measured 2x slower at
-//                C = 1024 (4096x1024), with tiles of 512 and with one tile
-//                of 1024 alike: the per-channel accumulators of a long row
-//                (24 KiB of doubles for the statistics) crowd the 32 KiB L1.
-// Measured on channels-last float32 inputs four to sixteen times the size
-// rotated between calls (so each call reads from DRAM, as in a training
-// step), 2 threads, runs alternating:
-//   statistics (collect_stats) 32x64x56x56 1.8-2.0 -> 1.2 ms, 32x128x28x28
-//     1.1-1.3 -> 0.66 ms, 32x256x14x14 0.59-0.66 -> 0.41-0.45 ms, 8192x512
-//     1.31-1.45 -> 1.20-1.29 ms; 4096x1024 (two tiles) 1.0-1.2 -> 2.1-2.5 ms;
-//   backward reduction 32x256x14x14 0.89-0.97 -> 0.47-0.78 ms, 32x512x7x7
-//     0.26-0.53 -> 0.21-0.26 ms; 4096x1024 2.0 -> 2.6 ms.
-// Either walk adds a channel's values row after row, so both give the same bits.
+//                C = 1024 (4096x1024): the per-channel accumulators of a
+//                long row crowd the 32 KiB L1.
+// Measured as above: backward reduction 32x256x14x14 0.89-0.97 -> 0.47-0.78
+// ms, 32x512x7x7 0.26-0.53 -> 0.21-0.26 ms; 4096x1024 2.0 -> 2.6 ms.
+// Every walk adds a channel's values row after row, so all give the same bits.
 inline bool whole_rows(int64_t n, int64_t stride) { return n == stride && n <= kNlcTile; }
+
+constexpr int64_t kStatRows = 8;  // rows per block of the statistics strips
+
+// Asks for the cache line holding p (read, keep in all levels).
+template <typename T>
+inline void prefetch(const T* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
 
 // s1[c] += x - shift[c],  s2[c] += (x - shift[c])²
 // Sixteen channels at a time (eight independent accumulator chains, enough to
-// cover the add/fma latency), kRows rows per load/store of the accumulators:
-// 1 walks the rows in memory order, 8 in strips.
-template <int kRows, typename T>
-C10_NOINLINE void rows_add_shifted_blocks(const T* x, int64_t stride, int64_t rows, int64_t n,
-                                          const double* shift, double* s1, double* s2) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    const int64_t r1 = std::min(rows, r0 + kRows);
+// cover the add/fma latency) over kStatRows rows per load/store of the
+// accumulators.
+template <typename T>
+C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift,
+                                   double* s1, double* s2) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // values per cache line
+  const bool ahead = whole_rows(n, stride);
+  const T* end = x + rows * stride;
+  for (int64_t r0 = 0; r0 < rows; r0 += kStatRows) {
+    const int64_t r1 = std::min(rows, r0 + kStatRows);
+    // With whole rows the next block is one run of memory: strip i asks for
+    // its i-th kStatRows·16 values, so the block is requested in order.
+    const T* next = x + r1 * stride;
     int64_t c = 0;
     for (; c + 16 <= n; c += 16) {
+      if (ahead) {
+        const T* p = next + c * kStatRows;
+        const T* p_end = std::min(end, p + 16 * kStatRows);
+        for (; p < p_end; p += kLine) {
+          prefetch(p);
+        }
+      }
       dVec h[4], a[4], q[4];
       for (int k = 0; k < 4; ++k) {
         h[k] = dVec::loadu(shift + c + 4 * k);
@@ -278,16 +321,6 @@ C10_NOINLINE void rows_add_shifted_blocks(const T* x, int64_t stride, int64_t ro
         s2[c] = std::fma(t, t, s2[c]);
       }
     }
-  }
-}
-
-template <typename T>
-inline void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int64_t n, const double* shift,
-                             double* s1, double* s2) {
-  if (whole_rows(n, stride)) {
-    rows_add_shifted_blocks<1>(x, stride, rows, n, shift, s1, s2);
-  } else {
-    rows_add_shifted_blocks<8>(x, stride, rows, n, shift, s1, s2);
   }
 }
 
