@@ -542,6 +542,16 @@ inline void map_out(T* out, int64_t n, const VF& vec, const SF& one) {
     for (; i + K <= n; i += K) {
       IO::store(out + i, vec(i));
     }
+    // The last values as one vector ending at n, overlapping values already
+    // written (out never aliases an input, so they are written again with
+    // the same bits): cheaper than one-by-one conversions of bfloat16 and
+    // half. Contiguous bfloat16 eval, runs of 196 (four left over per run),
+    // 32x256x14x14: 0.184-0.197 -> 0.161-0.168 ms, nn 0.154-0.188 (runs
+    // alternating).
+    if (i < n && n >= K) {
+      IO::store(out + n - K, vec(n - K));
+      i = n;
+    }
   }
   for (; i < n; ++i) {
     out[i] = static_cast<T>(one(i));
