@@ -44,6 +44,10 @@ def cpu_flags() -> list:
     wanted = (" avx2", " fma", " f16c")  # f16c: at::vec's AVX2 float16 conversions
     if os.environ.get("TORCH_BN_MANUAL_NO_AVX2") != "1" and all(f in cpuinfo for f in wanted):
         flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        # AVX512-BF16 (with VL and DQ): one-instruction float -> bfloat16
+        # rounding in the 256-bit kernels (csrc/cpu/vec.h: round_to_bf16).
+        if all(f in cpuinfo for f in (" avx512f", " avx512vl", " avx512dq", " avx512_bf16")):
+            flags += ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
     return flags
 
 

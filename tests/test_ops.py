@@ -103,6 +103,42 @@ def test_eval_forward_and_elementwise(case, gen):
     assert rel_err(y2, ref_normalize(x, None, b, rm, invstd)) <= TOL[dtype]
 
 
+def _bfloat16_bits(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 bits, rounded to nearest even on the integer bits (c10's rule), NaN left out."""
+    u = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return rounded.to(torch.int32).to(torch.int16)  # keeps the low 16 bits
+
+
+@pytest.mark.parametrize("shape,name", [((3, 40, 5, 7), "contiguous"), ((3, 40, 5, 7), "channels_last"),
+                                        ((37, 40), "contiguous")])
+def test_bfloat16_outputs_round_like_torch(shape, name, gen):
+    """Every elementwise pass rounds float32 to bfloat16 to nearest even, denormals and ties included.
+
+    With the mean equal to the input, y is the bias exactly, so the output is
+    the rounding of chosen float32 values: denormals (the one-instruction
+    conversion of csrc/cpu/vec.h would flush them), ties, overflow to
+    infinity, NaN (not -0: 0 + -0 is +0 before any rounding). Channels last
+    puts them next to ordinary values in one vector.
+    """
+    C = shape[1]
+    special = torch.tensor([1e-39, -3e-40, 1.4e-45, 1.1754944e-38, -1.1754942e-38, 1.00390625, 1.01171875,
+                            -1.00390625, 3.4028235e38, -3.39e38, float("inf"), float("-inf"), float("nan"), 0.0],
+                           dtype=torch.float32)
+    bias = randn(C, gen) * 10
+    slots = torch.randperm(C, generator=gen)[:len(special)]
+    bias[slots] = special
+    level = randn(C, gen, torch.bfloat16)  # x == mean exactly: x - mean is 0 in every lane
+    x = layout(level.view(1, C, *[1] * (len(shape) - 2)).expand(shape).contiguous(), name)
+    y = OPS.batch_norm_elementwise(x, torch.rand(C, generator=gen) + 0.5, bias, level.float(),
+                                   torch.rand(C, generator=gen) + 0.5)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=output_format(x))
+    expected = _bfloat16_bits(bias).view(1, C, *[1] * (len(shape) - 2)).expand(shape)
+    nan = bias.isnan().view(1, C, *[1] * (len(shape) - 2)).expand(shape)
+    assert torch.equal(y.isnan(), nan)
+    assert torch.equal(y.view(torch.int16)[~nan], expected[~nan])
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES[::2], ids=case_id)
 def test_backward(case, train, gen):
