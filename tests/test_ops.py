@@ -129,12 +129,13 @@ def test_bfloat16_outputs_round_like_torch(shape, name, gen):
     slots = torch.randperm(C, generator=gen)[:len(special)]
     bias[slots] = special
     level = randn(C, gen, torch.bfloat16)  # x == mean exactly: x - mean is 0 in every lane
-    x = layout(level.view(1, C, *[1] * (len(shape) - 2)).expand(shape).contiguous(), name)
+    x = torch.empty(shape, dtype=torch.bfloat16)
+    x = layout(x.copy_(bcast(level, x)), name)
     y = OPS.batch_norm_elementwise(x, torch.rand(C, generator=gen) + 0.5, bias, level.float(),
                                    torch.rand(C, generator=gen) + 0.5)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=output_format(x))
-    expected = _bfloat16_bits(bias).view(1, C, *[1] * (len(shape) - 2)).expand(shape)
-    nan = bias.isnan().view(1, C, *[1] * (len(shape) - 2)).expand(shape)
+    expected = bcast(_bfloat16_bits(bias), x).expand(shape)
+    nan = bcast(bias.isnan(), x).expand(shape)
     assert torch.equal(y.isnan(), nan)
     assert torch.equal(y.view(torch.int16)[~nan], expected[~nan])
 

@@ -48,26 +48,31 @@ using opmath_t = typename OpMath<T>::type;
 // vector holding either (vfpclassps: NaN or denormal) takes at::vec's path,
 // so every value gets the bits torch gives it.
 #if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signalling NaN
+#define TORCH_BN_MANUAL_CVTNE_BF16 1
+inline bool has_nan_or_denormal(const __m256& f) {
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signalling NaN
+  return _mm256_fpclass_ps_mask(f, kNanOrDenormal) != 0;
+}
+#endif
 
 inline __m128i round_to_bf16(const __m256& f) {
-  if (_mm256_fpclass_ps_mask(f, kNanOrDenormal) == 0) {
+#ifdef TORCH_BN_MANUAL_CVTNE_BF16
+  if (!has_nan_or_denormal(f)) {
     return reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(f));
   }
+#endif
   return at::vec::cvtfp32_bf16(f);
 }
 
 // a to the low 8 values, b to the high 8.
 inline __m256i round_to_bf16(const __m256& a, const __m256& b) {
-  if ((_mm256_fpclass_ps_mask(a, kNanOrDenormal) | _mm256_fpclass_ps_mask(b, kNanOrDenormal)) == 0) {
+#ifdef TORCH_BN_MANUAL_CVTNE_BF16
+  if (!has_nan_or_denormal(a) && !has_nan_or_denormal(b)) {
     return reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(b, a));  // b to the high half
   }
+#endif
   return at::vec::cvtfp32_bf16(a, b);
 }
-#else
-inline __m128i round_to_bf16(const __m256& f) { return at::vec::cvtfp32_bf16(f); }
-inline __m256i round_to_bf16(const __m256& a, const __m256& b) { return at::vec::cvtfp32_bf16(a, b); }
-#endif
 #endif
 
 // One vector of opmath_t values to and from memory holding T.
