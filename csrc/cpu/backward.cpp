@@ -105,27 +105,34 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
   } else {
     const NlcTasks t = nlc_tasks(v);
     const int64_t M = v.M();
-    std::vector<double> t_dy(t.row_tasks * C), t_dyt(t.row_tasks * C);
+    const auto t_dy = task_buffer(t, C), t_dyt = task_buffer(t, C);
     at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rt = task / t.tiles, c0 = (task % t.tiles) * t.tile;
         const int64_t width = std::min(t.tile, C - c0);
         const int64_t r0 = rt * t.task_rows, rows = std::min(M, r0 + t.task_rows) - r0;
-        double* a = t_dy.data() + rt * C + c0;
-        double* q = t_dyt.data() + rt * C + c0;
+        double* a = t_dy.get() + rt * C + c0;
+        double* q = t_dyt.get() + rt * C + c0;
         std::fill(a, a + width, 0.0);
         std::fill(q, q + width, 0.0);
         rows_add_dy_dyt(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mh.data() + c0, a, q);
       }
     });
+    // Task after task, channels inside: a forward walk through the task
+    // sums (channel after channel would stride C doubles), each channel's
+    // additions still in row order.
     at::parallel_for(0, C, grain_for(t.row_tasks * 4), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        SumPair s;
-        for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
-          s.dy += t_dy[rt * C + c];
-          s.dyx += t_dyt[rt * C + c];
+      std::fill(out.begin() + begin, out.begin() + end, SumPair{});
+      for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
+        const double* a = t_dy.get() + rt * C;
+        const double* q = t_dyt.get() + rt * C;
+        for (int64_t c = begin; c < end; ++c) {
+          out[c].dy += a[c];
+          out[c].dyx += q[c];
         }
-        out[c] = with_mean_lo(s, mean[c], mh[c]);
+      }
+      for (int64_t c = begin; c < end; ++c) {
+        out[c] = with_mean_lo(out[c], mean[c], mh[c]);
       }
     });
   }

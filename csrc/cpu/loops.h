@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 
 #include <c10/macros/Macros.h>
@@ -127,6 +128,12 @@ inline NlcTasks nlc_tasks(const View& v) {
   t.task_rows = std::max(kNlcMinRows, kNlcTask / t.tile);
   t.row_tasks = (v.M() + t.task_rows - 1) / t.task_rows;
   return t;
+}
+
+// Per-task results (row_tasks x C doubles) that the tasks fill completely
+// before the fold reads them: no zero fill, which std::vector would do.
+inline std::unique_ptr<double[]> task_buffer(const NlcTasks& t, int64_t C) {
+  return std::unique_ptr<double[]>(new double[t.row_tasks * C]);
 }
 
 // Grain for at::parallel_for over items of `per_item` values each.

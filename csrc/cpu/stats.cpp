@@ -65,7 +65,7 @@ void nlc_states(const T* x, const View& v, State* out) {
   const NlcTasks t = nlc_tasks(v);
   const int64_t C = v.C, M = v.M();
   // task states, [row task][channel]
-  std::vector<double> t_mean(t.row_tasks * C), t_m2(t.row_tasks * C);
+  const auto t_mean = task_buffer(t, C), t_m2 = task_buffer(t, C);
   at::parallel_for(0, t.count(), grain_for(kNlcTask), [&](int64_t begin, int64_t end) {
     std::vector<double> s1(t.tile), s2(t.tile), shift(t.tile);
     for (int64_t task = begin; task < end; ++task) {
@@ -94,8 +94,8 @@ void nlc_states(const T* x, const View& v, State* out) {
     std::fill(out + begin, out + end, State{0.0, 0.0, 0.0});
     for (int64_t rt = 0; rt < t.row_tasks; ++rt) {
       const double count = static_cast<double>(std::min(M, (rt + 1) * t.task_rows) - rt * t.task_rows);
-      const double* mean = t_mean.data() + rt * C;
-      const double* m2 = t_m2.data() + rt * C;
+      const double* mean = t_mean.get() + rt * C;
+      const double* m2 = t_m2.get() + rt * C;
       for (int64_t c = begin; c < end; ++c) {
         out[c] = welford_merge(out[c], State{mean[c], m2[c], count});
       }
