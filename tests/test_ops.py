@@ -103,13 +103,6 @@ def test_eval_forward_and_elementwise(case, gen):
     assert rel_err(y2, ref_normalize(x, None, b, rm, invstd)) <= TOL[dtype]
 
 
-def _bfloat16_bits(values: torch.Tensor) -> torch.Tensor:
-    """float32 -> bfloat16 bits, rounded to nearest even on the integer bits (c10's rule), NaN left out."""
-    u = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return rounded.to(torch.int32).to(torch.int16)  # keeps the low 16 bits
-
-
 @pytest.mark.parametrize("shape,name", [((3, 40, 5, 7), "contiguous"), ((3, 40, 5, 7), "channels_last"),
                                         ((37, 40), "contiguous")])
 def test_bfloat16_outputs_round_like_torch(shape, name, gen):
@@ -134,7 +127,7 @@ def test_bfloat16_outputs_round_like_torch(shape, name, gen):
     y = OPS.batch_norm_elementwise(x, torch.rand(C, generator=gen) + 0.5, bias, level.float(),
                                    torch.rand(C, generator=gen) + 0.5)
     assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=output_format(x))
-    expected = bcast(_bfloat16_bits(bias), x).expand(shape)
+    expected = bcast(bias.to(torch.bfloat16).view(torch.int16), x).expand(shape)  # torch's rounding
     nan = bcast(bias.isnan(), x).expand(shape)
     assert torch.equal(y.isnan(), nan)
     assert torch.equal(y.view(torch.int16)[~nan], expected[~nan])
