@@ -5,6 +5,7 @@ extension (`ops.py` over torch_bn_manual._C): C++ kernels for CPU tensors and,
 in a CUDA build, CUDA kernels for GPU tensors. "auto" picks the compiled one
 wherever it has a kernel for the tensor's device, python otherwise.
 """
+import importlib.util
 import warnings
 from types import ModuleType
 from typing import List, Optional
@@ -13,16 +14,26 @@ import torch
 
 from . import _python
 
-try:
-    from . import ops as _compiled
-    _COMPILED_ERROR: Optional[BaseException] = None
-except ImportError as error:  # the extension was not built
-    _compiled = None
-    _COMPILED_ERROR = error
-
 BACKENDS = ("auto", "python", "cpp")
 _BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make test`) in the project root"
 _warned_fallback = False
+
+
+def _load_compiled():
+    """(ops module, None), or (None, one sentence saying what is missing and how to get it)."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        # Not built: importing it anyway would only report a circular import.
+        return None, f"the compiled extension torch_bn_manual._C is not built; {_BUILD_HINT}"
+    try:
+        from . import ops
+    except ImportError as error:  # built, but does not load here (e.g. built against another torch)
+        cause = error.__cause__ or error
+        return None, (f"the compiled extension torch_bn_manual._C does not load ({cause}); "
+                      f"rebuild it: {_BUILD_HINT[len('build it with '):]}")
+    return ops, None
+
+
+_compiled, _COMPILED_ERROR = _load_compiled()
 
 
 def compiled_available() -> bool:
@@ -44,6 +55,11 @@ def _devices_with_kernels() -> frozenset:
 
 
 _COMPILED_DEVICES = _devices_with_kernels()
+
+
+def compiled_devices() -> frozenset:
+    """The device types ("cpu", "cuda") the compiled ops have kernels for; empty when not built."""
+    return _COMPILED_DEVICES
 
 
 def _compiled_has_device(device: torch.device) -> bool:
@@ -68,8 +84,7 @@ def get_backend(backend: str, device: torch.device) -> ModuleType:
         return _python
     if backend == "cpp":
         if _compiled is None:
-            raise RuntimeError(f"torch_bn_manual: the compiled backend is not available "
-                               f"({_COMPILED_ERROR}); {_BUILD_HINT}")
+            raise RuntimeError(f"torch_bn_manual: backend='cpp' is not available: {_COMPILED_ERROR}")
         if not _compiled_has_device(device):
             raise RuntimeError(f"torch_bn_manual: the compiled backend has no kernels for device "
                                f"'{device.type}' in this build")
@@ -78,6 +93,6 @@ def get_backend(backend: str, device: torch.device) -> ModuleType:
         return _compiled
     if _compiled is None and not _warned_fallback:
         _warned_fallback = True
-        warnings.warn(f"torch_bn_manual: the compiled extension is not built, backend='auto' uses the "
-                      f"python backend (slower); {_BUILD_HINT}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"torch_bn_manual: backend='auto' uses the python backend (slower): {_COMPILED_ERROR}",
+                      RuntimeWarning, stacklevel=3)
     return _python
