@@ -4,6 +4,7 @@
     bn = bnm.BatchNorm2d(64)                      # drop-in for nn.BatchNorm2d
     y = bnm.batch_norm(x, rm, rv, w, b, True)     # drop-in for F.batch_norm
     model = bnm.convert_batchnorm(model)          # swap every nn.BatchNorm*d
+    model = bnm.revert_batchnorm(model)           # and back, same tensors
     bnm.available_backends()                      # ["python", "cpp"] when built
 
 See docs/derivation.md for the math and docs/architecture.md for the layers.
@@ -12,7 +13,12 @@ from . import reference
 from .backends import available_backends
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
+from .conversion import convert_batchnorm, revert_batchnorm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .quantization import register_fuser_methods as _register_fuser_methods
+
+# torch.ao.quantization.fuse_modules(_qat) fuses our layers as it fuses nn's.
+_register_fuser_methods()
 
 __all__ = [
     "BatchNorm1d",
@@ -21,6 +27,7 @@ __all__ = [
     "SyncBatchNorm",
     "batch_norm",
     "convert_batchnorm",
+    "revert_batchnorm",
     "convert_sync_batchnorm",
     "available_backends",
     "reference",

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _python
 from .backends import get_backend
+from .export import aten_eval_batch_norm, capturing_standalone_graph
 
 __all__ = ["batch_norm", "check_batch_norm_inputs", "update_running_stats"]
 
@@ -152,6 +153,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     running_mean/running_var are updated in place with `momentum` (a float or
     a 0-d tensor). In eval the running statistics are used. `backend` is
     "auto", "python" or "cpp" (see torch_bn_manual.available_backends()).
+    In eval mode under torch.export, torch.jit.trace or ONNX export, this is
+    ATen's batch norm (export.py), with ATen's own argument checks.
     """
+    if not training and capturing_standalone_graph():
+        return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, eps)
     check_batch_norm_inputs(input, running_mean, running_var, weight, bias, training, eps)
     return _batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum, eps, backend)

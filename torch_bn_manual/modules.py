@@ -4,18 +4,56 @@ Each subclasses its torch.nn namesake, so parameters, buffers, state_dict,
 repr and isinstance checks are the familiar ones; only forward() changes, to
 run this package's batch_norm with the chosen backend. Unlike torch.nn, a bad
 input raises before num_batches_tracked is incremented.
+
+Beyond eager mode, forward() serves three tracers (docs/export.md):
+- torch.fx.symbolic_trace records the module as one call_module node, as it
+  records nn's batch norm (a leaf), whatever the Tracer's is_leaf_module says;
+- torch.jit.script compiles _scripted_forward (scripting.py) in place of the
+  eager path;
+- torch.export, torch.jit.trace and ONNX export capture eval mode as ATen's
+  batch norm (export.py, via functional.py).
 """
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
-from . import functional
-from .backends import check_backend_name
+from . import functional, scripting
+from .backends import check_backend_name, compiled_available, compiled_devices
+from .conversion import convert_batchnorm, register_replacements
+from .export import aten_eval_batch_norm, capturing_standalone_graph
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm"]
 
 
+def _record_as_leaf(module: nn.Module, input: Proxy) -> Optional[Proxy]:
+    """Record `module(input)` as a call_module node of the FX graph being traced.
+
+    torch.fx's default Tracer keeps torch.nn's modules as leaves because of
+    the module they are defined in; ours live in this package, so a Tracer
+    traces into forward(), where the input checks would need a real tensor.
+    Recording the call here gives the graph nn's batch norm gets, for any
+    Tracer. None when the module is the root being traced (it has no path to
+    call; nn's batch norm cannot be traced as the root either).
+    """
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        return None
+    return tracer.create_proxy("call_module", path, (input,), {})
+
+
 class _BackendBatchNorm:
     """What our three classes add to their torch.nn base: a backend and its forward."""
+
+    # torch.nn's constants, and which path the scripted forward compiles
+    # (set by __prepare_scriptable__): the compiled ops, or torch ops.
+    __constants__ = nn.BatchNorm2d.__constants__ + ["_script_uses_ops", "_script_ops_on_cpu",
+                                                    "_script_ops_on_cuda"]
+    _script_uses_ops = False
+    _script_ops_on_cpu = False
+    _script_ops_on_cuda = False
 
     def _init_backend(self, backend: str) -> None:
         check_backend_name(backend)
@@ -53,13 +91,78 @@ class _BackendBatchNorm:
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, Proxy):  # torch.fx.symbolic_trace
+            recorded = _record_as_leaf(self, input)
+            if recorded is not None:
+                return recorded
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
         weight, bias = self.weight, self.bias
+        if not use_batch_stats and capturing_standalone_graph():
+            # torch.export / jit.trace / ONNX: a graph of ATen ops, loadable without this package.
+            return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, self.eps)
         functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         factor = self._momentum_after_counting()
         return functional._batch_norm_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
                                               self.eps, self.backend)
+
+    # -- TorchScript -------------------------------------------------------
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self):
+        """Fix, before torch.jit.script compiles forward, which implementation it compiles.
+
+        The compiled ops exist in TorchScript only when the extension is
+        loaded, so whether _scripted_forward calls them is a module constant.
+        """
+        if self.backend == "cpp" and not compiled_available():
+            functional.get_backend("cpp", torch.device("cpu"))  # raises the message that says how to build it
+        devices = compiled_devices() if self.backend == "auto" else frozenset()
+        self._script_ops_on_cpu = self.backend == "cpp" or "cpu" in devices
+        self._script_ops_on_cuda = self.backend == "cpp" or "cuda" in devices
+        self._script_uses_ops = self._script_ops_on_cpu or self._script_ops_on_cuda
+        return self
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """forward() for torch.jit.script: the eager path's decisions, written in TorchScript."""
+        self._check_input_dim(input)
+        running_mean = self.running_mean
+        running_var = self.running_var
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
+        if self.training and not self.track_running_stats:
+            running_mean = None
+            running_var = None
+        if use_batch_stats:
+            size = input.size()
+            values_per_channel = size[0]
+            for extent in size[2:]:
+                values_per_channel *= extent
+            if values_per_channel == 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        momentum = torch.scalar_tensor(0.0 if self.momentum is None else self.momentum, dtype=torch.float64)
+        counted = self.num_batches_tracked
+        if self.training and self.track_running_stats and counted is not None:
+            counted.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / counted.to(torch.float64)
+        weight = self.weight
+        bias = self.bias
+        if input.numel() == 0:
+            return scripting.empty_batch(input, weight, bias)
+        if weight is None and bias is not None:
+            weight = torch.ones_like(bias)
+        if self._script_uses_ops:
+            if (self._script_ops_on_cuda if input.is_cuda else self._script_ops_on_cpu):
+                return scripting.ops_forward(input, running_mean, running_var, weight, bias, use_batch_stats,
+                                             momentum, self.eps)
+        return scripting.python_forward(input, running_mean, running_var, weight, bias, use_batch_stats,
+                                        momentum, self.eps)
 
 
 def _nn_options(bias: bool) -> dict:
@@ -100,37 +203,4 @@ class BatchNorm3d(_BackendBatchNorm, nn.BatchNorm3d):
         self._init_backend(backend)
 
 
-_REPLACEMENTS = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
-
-
-def _swap(module: nn.Module, backend: str) -> nn.Module:
-    """One of ours carrying module's parameters, buffers and mode (the same tensors, not copies)."""
-    cls = _REPLACEMENTS[type(module)]
-    replacement = cls.__new__(cls)
-    nn.Module.__init__(replacement)
-    # Every attribute of the nn module (options, parameters, buffers, hooks) carries over as it is.
-    for key, value in module.__dict__.items():
-        replacement.__dict__[key] = value.copy() if isinstance(value, dict) else value
-    replacement._init_backend(backend)
-    return replacement
-
-
-def convert_batchnorm(module: nn.Module, backend: str = "auto") -> nn.Module:
-    """Replace every nn.BatchNorm1d/2d/3d in `module` with ours, keeping its state.
-
-    Parameters and buffers are shared with the originals, so optimizers built
-    before the conversion keep working. Modules that are already ours get the
-    requested backend. Returns the converted module (a new object when
-    `module` itself is a batch norm layer, as nn.SyncBatchNorm.convert_sync_batchnorm does).
-    """
-    check_backend_name(backend)
-    if isinstance(module, _BackendBatchNorm):
-        module.backend = backend
-        return module
-    if type(module) in _REPLACEMENTS:
-        return _swap(module, backend)
-    for name, child in module.named_children():
-        converted = convert_batchnorm(child, backend)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+register_replacements({nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d})

@@ -1,0 +1,104 @@
+"""torch.export and torch.jit.trace of eval models: standard ATen ops, loadable without this package."""
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_bn_manual as bnm
+from torch_bn_manual import functional, modules
+
+from helpers import randn, rel_err
+
+
+def _model(backend, generator):
+    """Conv -> BN2d -> ReLU -> Linear -> BN1d (no bias) -> BN1d on (N, C, L), trained a few steps."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), bnm.BatchNorm2d(6, backend=backend), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 8), bnm.BatchNorm1d(8, momentum=None, backend=backend), nn.Unflatten(1, (2, 4)),
+        bnm.BatchNorm1d(2, affine=False, backend=backend))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(randn(p.shape, generator, scale=0.5))
+    for _ in range(3):  # running statistics away from their initial values
+        model(randn((8, 3, 6, 6), generator, offset=1.0))
+    return model.eval()
+
+
+def _call_targets(graph_module):
+    return [str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"]
+
+
+# The artifacts are loaded in a process where importing torch_bn_manual is impossible.
+_LOADER = textwrap.dedent("""
+    import json, sys
+    class NoPackage:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torch_bn_manual":
+                raise ModuleNotFoundError(f"blocked: {name}")
+    sys.meta_path.insert(0, NoPackage())
+    import torch
+    x = torch.load(sys.argv[1] + "/x.pt")
+    results = {}
+    results["export"] = torch.export.load(sys.argv[1] + "/model.pt2").module()(x)
+    results["trace"] = torch.jit.load(sys.argv[1] + "/model.ts")(x)
+    assert not any(name.startswith("torch_bn_manual") for name in sys.modules)
+    torch.save(results, sys.argv[1] + "/out.pt")
+""")
+
+
+def test_eval_artifacts_load_and_run_without_the_package(backend, generator, tmp_path):
+    model = _model(backend, generator)
+    x = randn((5, 3, 6, 6), generator, offset=0.5)
+    expected = model(x).detach()
+
+    exported = torch.export.export(model, (x,))
+    targets = _call_targets(exported.graph_module)
+    assert not any("torch_bn_manual" in t for t in targets), targets
+    assert sum("batch_norm" in t for t in targets) == 3, targets
+    torch.export.save(exported, str(tmp_path / "model.pt2"))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)  # nothing input-dependent is frozen
+        traced = torch.jit.trace(model, (x,))
+    assert "torch_bn_manual::" not in str(traced.inlined_graph)
+    assert str(traced.inlined_graph).count("aten::batch_norm") == 3
+    torch.jit.save(traced, str(tmp_path / "model.ts"))
+    torch.save(x, tmp_path / "x.pt")
+
+    run = subprocess.run([sys.executable, "-c", _LOADER, str(tmp_path)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for name, output in torch.load(tmp_path / "out.pt").items():
+        assert rel_err(output, expected) < 1e-5, name
+
+
+def test_export_follows_the_model_and_leaves_eager_alone(backend, generator, monkeypatch):
+    """In-process: the exported program equals eager on fresh inputs; eager eval never takes the ATen route."""
+    model = _model(backend, generator)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(model, (randn((2, 3, 6, 6), generator),),
+                                  dynamic_shapes={"input": {0: batch}}).module()
+    x = randn((7, 3, 6, 6), generator, scale=2.0, offset=-1.0)
+
+    def no_aten(*args):
+        raise AssertionError("eager eval took the export route")
+
+    monkeypatch.setattr(functional, "aten_eval_batch_norm", no_aten)
+    monkeypatch.setattr(modules, "aten_eval_batch_norm", no_aten)
+    expected = model(x)
+    assert rel_err(program(x), expected) < 1e-5
+
+
+def test_training_mode_export_keeps_our_ops(generator):
+    """Documented: only eval mode exports to ATen; a training graph needs this package."""
+    if "cpp" not in bnm.available_backends():
+        pytest.skip("the compiled extension is not built")
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bnm.BatchNorm2d(4, backend="cpp")).train()
+    exported = torch.export.export(copy.deepcopy(model), (randn((4, 3, 5, 5), generator),))
+    assert any("torch_bn_manual.batch_norm_train_forward" in t for t in _call_targets(exported.graph_module))

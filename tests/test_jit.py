@@ -1,0 +1,113 @@
+"""torch.jit.script: a model with our layers scripts, and the scripted model equals eager.
+
+Train and eval, outputs, input and parameter gradients, running statistics
+and num_batches_tracked, for every backend and the layer options that change
+the forward's path; the scripted model also survives torch.jit.save/load.
+"""
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import torch_bn_manual as bnm
+
+from helpers import randn, rel_err
+
+OPTIONS = [
+    {},
+    {"momentum": None},
+    {"affine": False},
+    {"track_running_stats": False},
+    {"bias": False},
+]
+
+
+def _net(backend, options):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), bnm.BatchNorm2d(6, backend=backend, **options), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5), bnm.BatchNorm1d(5, backend=backend, **options))
+
+
+def _step(model, x):
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out * torch.linspace(-1, 2, out.numel()).view_as(out)).square().sum().backward()
+    return out.detach(), x.grad
+
+
+def _compare(eager, scripted, generator, layout=torch.contiguous_format):
+    for training in (True, True, False, True):
+        eager.train(training)
+        scripted.train(training)
+        x = randn((6, 3, 6, 6), generator, scale=1.5, offset=0.3).contiguous(memory_format=layout)
+        (out_e, dx_e), (out_s, dx_s) = _step(eager, x), _step(scripted, x)
+        assert rel_err(out_s, out_e) < 1e-5 and rel_err(dx_s, dx_e) < 1e-5, training
+        assert out_s.is_contiguous(memory_format=layout) == out_e.is_contiguous(memory_format=layout)
+    eager_state, scripted_state = eager.state_dict(), scripted.state_dict()
+    assert eager_state.keys() == scripted_state.keys()
+    for key, value in eager_state.items():
+        assert rel_err(scripted_state[key], value) < 1e-5 if value.is_floating_point() \
+            else torch.equal(scripted_state[key], value), key
+    # A gradient that is zero in exact arithmetic (a conv bias before training-mode BN) is
+    # rounding noise: errors are measured against the largest gradient of the model.
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
+    for (name, p), q in zip(eager.named_parameters(), scripted.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_scripted_model_equals_eager(backend, options, generator):
+    eager = _net(backend, options)
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    _compare(eager, scripted, generator)
+
+
+def test_scripted_auto_backend_and_channels_last(generator):
+    eager = _net("auto", {})
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    _compare(eager, scripted, generator, layout=torch.channels_last)
+
+
+def test_scripted_model_survives_save_and_load(backend, generator):
+    eager = _net(backend, {"momentum": None})
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save's own notice
+        torch.jit.save(torch.jit.script(copy.deepcopy(eager)), buffer)
+    buffer.seek(0)
+    _compare(eager, torch.jit.load(buffer), generator)
+
+
+def test_scripting_leaves_the_eager_model_as_it_was(backend):
+    model = _net(backend, {})
+    torch.jit.script(model)
+    assert type(model[1]) is bnm.BatchNorm2d and type(model[5]) is bnm.BatchNorm1d
+
+
+def test_scripted_double_backward(backend, generator, request):
+    """create_graph=True through the scripted layer: second derivatives equal eager's."""
+    if backend == "cpp":
+        # Eager cpp fails this too ("backward through the graph a second time", from the
+        # second differentiation through ops._double_backward); strict, so a fix shows here.
+        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True))
+    eager = bnm.BatchNorm2d(3, backend=backend).double()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    x = randn((4, 3, 3, 3), generator, dtype=torch.float64)
+    results = []
+    for model in (eager, scripted):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(model(xi).pow(3).sum(), xi, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.square().sum(), xi)
+        results.append(ggx)
+    assert rel_err(results[1], results[0]) < 1e-9
+
+
+def test_scripted_training_error_before_state_changes(backend):
+    scripted = torch.jit.script(bnm.BatchNorm1d(3, backend=backend))
+    with pytest.raises(Exception, match="Expected more than 1 value per channel when training"):
+        scripted(torch.randn(1, 3))
+    assert scripted.num_batches_tracked.item() == 0

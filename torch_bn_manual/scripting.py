@@ -1,0 +1,136 @@
+"""Batch norm in TorchScript: what a scripted model runs in place of functional.py.
+
+torch.jit.script cannot compile the eager path (the backend registry returns
+Python modules, and the python backend is an autograd.Function), so the
+modules' scripted forward calls the functions below instead. They compute
+what the eager backends compute, in the same order of operations:
+
+- compiled ops ("cpp", and "auto" where the extension has kernels for the
+  device): the same torch.ops.torch_bn_manual.* calls as ops.py, whose C++
+  autograd kernels give the gradients, and the same running-stats op;
+- torch ops ("python"): the formulas of _python.py (float64 statistics for
+  float32 input, the two-pass variance, the running statistics rebuilt from
+  invstd and blended in float64). TorchScript has no autograd.Function, so
+  autograd differentiates these ops instead of running the hand-written
+  backward: the same gradient, computed by autograd.
+
+Every function here must stay TorchScript-compilable; the ones that call the
+compiled ops are only compiled when the extension is loaded (the module
+decides that with a constant, see modules.py).
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["empty_batch", "ops_forward", "python_forward"]
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 statistics for float64/float32 input, float32 for half input (as _python.stats_dtype)."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x in the memory format ATen suggests for it (_python.suggest_memory_format): a no-op when dense."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def _reduce_dims(x: Tensor) -> List[int]:
+    dims = [0]
+    for d in range(2, x.dim()):
+        dims.append(d)
+    return dims
+
+
+def _per_channel(v: Tensor, x: Tensor) -> Tensor:
+    shape = [1, -1]
+    for _ in range(2, x.dim()):
+        shape.append(1)
+    return v.view(shape)
+
+
+def empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """nn's answer for an empty batch (functional._empty_batch)."""
+    output = input.clone()
+    if weight is not None:
+        output = output * weight[0]
+    if bias is not None:
+        output = output + bias[0]
+    return output
+
+
+def _normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor) -> Tensor:
+    """y = (x - mean) * invstd * w + b in the statistics dtype (_python._normalize)."""
+    x_wide = x.to(mean.dtype)
+    scale = invstd
+    if weight is not None:
+        scale = invstd * weight.to(mean.dtype)
+    y = (x_wide - _per_channel(mean, x)) * _per_channel(scale, x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(mean.dtype), x)
+    return y.to(x.dtype)
+
+
+def _blend(running_mean: Tensor, running_var: Tensor, save_mean: Tensor, save_invstd: Tensor,
+           momentum: Tensor, eps: float, count: int) -> Tuple[Tensor, Tensor]:
+    """_python.running_stats: the biased variance rebuilt from invstd, blended in float64."""
+    invstd = save_invstd.to(torch.float64)
+    batch_var = (1.0 / (invstd * invstd) - eps).clamp_min(0)
+    f = momentum.to(torch.float64)
+    unbiased = batch_var * (count / (count - 1))
+    new_mean = f * save_mean.to(torch.float64) + (1 - f) * running_mean.to(torch.float64)
+    new_var = f * unbiased + (1 - f) * running_var.to(torch.float64)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
+
+
+def _store(running_mean: Tensor, running_var: Tensor, new_mean: Tensor, new_var: Tensor) -> None:
+    with torch.no_grad():
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+
+
+def python_forward(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: Tensor,
+                   eps: float) -> Tensor:
+    """The python backend's batch norm in differentiable torch ops."""
+    x = _dense(input)
+    sdtype = _stats_dtype(input.dtype)
+    if not training:
+        assert running_mean is not None and running_var is not None
+        return _normalize(x, weight, bias, running_mean.to(sdtype), torch.rsqrt(running_var.to(sdtype) + eps))
+    x_wide = x.to(sdtype)
+    dims = _reduce_dims(x)
+    mean = x_wide.mean(dims)
+    xmu = x_wide - _per_channel(mean, x)
+    invstd = torch.rsqrt((xmu * xmu).mean(dims) + eps)
+    output = _normalize(x, weight, bias, mean, invstd)
+    if running_mean is not None and running_var is not None:
+        count = input.numel() // input.size(1)
+        new_mean, new_var = _blend(running_mean, running_var, mean.detach(), invstd.detach(), momentum, eps, count)
+        _store(running_mean, running_var, new_mean, new_var)
+    return output
+
+
+def ops_forward(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: Tensor,
+                eps: float) -> Tensor:
+    """The compiled ops, called as ops.py calls them."""
+    if not training:
+        assert running_mean is not None and running_var is not None
+        return torch.ops.torch_bn_manual.batch_norm_eval_forward(input, weight, bias, running_mean, running_var, eps)
+    output, mean, invstd = torch.ops.torch_bn_manual.batch_norm_train_forward(input, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        count = input.numel() // input.size(1)
+        new_mean, new_var = torch.ops.torch_bn_manual.batch_norm_running_stats(
+            mean, invstd, running_mean, running_var, momentum, eps, count)
+        _store(running_mean, running_var, new_mean, new_var)
+    return output
