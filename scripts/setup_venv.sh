@@ -31,6 +31,7 @@ for pkg in numpy pytest xdist setuptools ninja; do
     "$VENV/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$([ "$pkg" = xdist ] && echo pytest-xdist || echo "$pkg")")
 done
 "$VENV/bin/python" -c "import sklearn" 2>/dev/null || missing+=("scikit-learn")
+for pkg in onnx onnxruntime onnxscript; do "$VENV/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$pkg"); done  # test-only: tests/test_onnx.py
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]}"
     $PIP install -q "${missing[@]}"
