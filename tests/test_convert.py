@@ -149,6 +149,7 @@ _WITHOUT_EXTENSION = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh python process importing torch
 def test_message_when_the_extension_is_not_built(tmp_path):
     """A copy of the package without its compiled extension, imported in a fresh process."""
     package = os.path.dirname(bnm.__file__)

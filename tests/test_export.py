@@ -52,6 +52,7 @@ _LOADER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh python process importing torch
 def test_eval_artifacts_load_and_run_without_the_package(backend, generator, tmp_path):
     model = _model(backend, generator)
     x = randn((5, 3, 6, 6), generator, offset=0.5)
@@ -102,3 +103,36 @@ def test_training_mode_export_keeps_our_ops(generator):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), bnm.BatchNorm2d(4, backend="cpp")).train()
     exported = torch.export.export(copy.deepcopy(model), (randn((4, 3, 5, 5), generator),))
     assert any("torch_bn_manual.batch_norm_train_forward" in t for t in _call_targets(exported.graph_module))
+
+
+class _FunctionalNet(nn.Module):
+    """A model that calls bnm.batch_norm itself, as users of F.batch_norm do."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.register_buffer("mean", torch.linspace(-1, 1, 4))
+        self.register_buffer("var", torch.linspace(0.5, 2, 4))
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return bnm.batch_norm(x, self.mean, self.var, self.weight, None, False, backend=self.backend)
+
+
+def test_functional_eval_exports_to_aten(backend, generator):
+    model = _FunctionalNet(backend)
+    x = randn((3, 4, 5), generator)
+    exported = torch.export.export(model, (x,))
+    targets = _call_targets(exported.graph_module)
+    assert not any("torch_bn_manual" in t for t in targets) and any("batch_norm" in t for t in targets), targets
+    assert rel_err(exported.module()(x), model(x)) < 1e-5
+
+
+def test_strict_export_too(backend, generator):
+    """torch.export's strict (dynamo) mode sees the same flag."""
+    model = _model(backend, generator)
+    x = randn((5, 3, 6, 6), generator)
+    exported = torch.export.export(model, (x,), strict=True)
+    targets = _call_targets(exported.graph_module)
+    assert not any("torch_bn_manual" in t for t in targets), targets
+    assert rel_err(exported.module()(x), model(x)) < 1e-5

@@ -66,8 +66,11 @@ def test_scripted_model_equals_eager(backend, options, generator):
     _compare(eager, scripted, generator)
 
 
-def test_scripted_auto_backend_and_channels_last(generator):
-    eager = _net("auto", {})
+@pytest.mark.parametrize("chosen", ["python", "cpp", "auto"])
+def test_scripted_channels_last(chosen, generator):
+    if chosen not in bnm.available_backends() + ["auto"]:
+        pytest.skip("the compiled extension is not built")
+    eager = _net(chosen, {})
     scripted = torch.jit.script(copy.deepcopy(eager))
     _compare(eager, scripted, generator, layout=torch.channels_last)
 
