@@ -1,6 +1,5 @@
 """torch.export and torch.jit.trace of eval models: standard ATen ops, loadable without this package."""
 import copy
-import json
 import subprocess
 import sys
 import textwrap

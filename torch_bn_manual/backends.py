@@ -8,7 +8,7 @@ wherever it has a kernel for the tensor's device, python otherwise.
 import importlib.util
 import warnings
 from types import ModuleType
-from typing import List, Optional
+from typing import List
 
 import torch
 

@@ -11,7 +11,7 @@ Beyond eager mode, forward() serves three tracers (docs/export.md):
 - torch.jit.script compiles _scripted_forward (scripting.py) in place of the
   eager path;
 - torch.export, torch.jit.trace and ONNX export capture eval mode as ATen's
-  batch norm (export.py, via functional.py).
+  batch norm (export.py; bnm.batch_norm does the same).
 """
 from typing import Optional
 
@@ -21,7 +21,7 @@ from torch.fx import Proxy
 
 from . import functional, scripting
 from .backends import check_backend_name, compiled_available, compiled_devices
-from .conversion import convert_batchnorm, register_replacements
+from .conversion import convert_batchnorm, register_replacements  # noqa: F401 (importable from here, as before)
 from .export import aten_eval_batch_norm, capturing_standalone_graph
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm"]
