@@ -72,3 +72,21 @@ def test_user_mapping_still_takes_precedence(backend):
     fuse_modules(model, [["0", "1"]], fuse_custom_config_dict={
         "additional_fuser_method_mapping": {(nn.Conv2d, bnm.BatchNorm2d): my_fuser}})
     assert calls == [bnm.BatchNorm2d]
+
+
+def test_fx_graph_mode_quantization_after_revert(backend, generator):
+    """prepare_fx matches its backend_config's nn patterns: revert_batchnorm first gives nn's result."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    nn_model, shape = _nn_model("conv2d_bn_relu", generator)
+    ours = bnm.convert_batchnorm(copy.deepcopy(nn_model), backend=backend)
+    x = randn(shape, generator)
+    results = []
+    for model in (nn_model.eval(), bnm.revert_batchnorm(ours).eval()):
+        prepared = prepare_fx(model, get_default_qconfig_mapping(), (x,))
+        prepared(x)
+        quantized = convert_fx(prepared)
+        results.append(([type(m) for m in quantized.children()], quantized(x)))
+    assert results[0][0] == results[1][0]
+    assert torch.equal(results[0][1], results[1][1])
