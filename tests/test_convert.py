@@ -167,3 +167,21 @@ def test_message_when_the_extension_is_not_built(tmp_path):
     assert "backend='cpp' is not available" in cpp
     assert auto.startswith("AUTO: 1 "), auto  # warned once
     assert "SCRIPT: ok" in run.stdout
+
+
+def test_other_layers_of_this_package_are_ours(monkeypatch):
+    """A batch norm defined anywhere in this package (e.g. a fused BN + activation) is not 'left':
+    convert sets its backend silently; revert has no nn class for it and says so."""
+    class FusedLike(nn.BatchNorm2d):
+        def __init__(self, n):
+            super().__init__(n)
+            self.backend = "auto"
+
+    monkeypatch.setattr(FusedLike, "__module__", "torch_bn_manual.activation")
+    model = nn.Sequential(FusedLike(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bnm.convert_batchnorm(model, backend="python")
+    assert model[0].backend == "python" and type(model[0]) is FusedLike
+    with pytest.warns(UserWarning, match="FusedLike: no torch.nn class computes what it computes"):
+        bnm.revert_batchnorm(model)

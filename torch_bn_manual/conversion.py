@@ -50,7 +50,9 @@ def to_torch_nn(module: nn.Module) -> nn.Module:
 
 
 def _is_ours(module: nn.Module) -> bool:
-    return isinstance(module, tuple(_NN_FOR))
+    """One of our layers: a registered class, a subclass of one, or any batch norm this package defines."""
+    return isinstance(module, tuple(_NN_FOR)) or (
+        isinstance(module, _BatchNorm) and type(module).__module__.split(".")[0] == __package__)
 
 
 def _moved(module: nn.Module, cls: Type[nn.Module], drop=()) -> nn.Module:
@@ -67,6 +69,8 @@ def _why_left(module: nn.Module, nn_side: bool) -> str:
     """Why a batch-norm-like layer has no exact counterpart (for the warning)."""
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return "its parameters are not materialized yet; run one forward pass first"
+    if not nn_side and not isinstance(module, tuple(_NN_FOR)):
+        return "no torch.nn class computes what it computes"
     base = next(cls for cls in type(module).__mro__[1:] if cls in (_OURS_FOR if nn_side else _NN_FOR)
                 or cls is _BatchNorm)
     where = "nn." if base.__module__.startswith("torch.nn") else "torch_bn_manual."
@@ -81,7 +85,8 @@ def _warn_left(function: str, left: List[str], target: str) -> None:
 
 def _convert(module: nn.Module, backend: str, path: str, left: List[str]) -> nn.Module:
     if _is_ours(module):
-        module.backend = backend
+        if hasattr(module, "backend"):
+            module.backend = backend
         return module
     if type(module) in _OURS_FOR:
         replacement = _moved(module, _OURS_FOR[type(module)])
