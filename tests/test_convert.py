@@ -185,3 +185,30 @@ def test_other_layers_of_this_package_are_ours(monkeypatch):
     assert model[0].backend == "python" and type(model[0]) is FusedLike
     with pytest.warns(UserWarning, match="FusedLike: no torch.nn class computes what it computes"):
         bnm.revert_batchnorm(model)
+
+
+@pytest.mark.slow  # a fresh python process importing torch
+def test_message_when_the_extension_does_not_load(tmp_path):
+    """A _C that exists but cannot be loaded (here: not a shared library at all): its loader's reason, once."""
+    import importlib.machinery
+
+    package = os.path.dirname(bnm.__file__)
+    shutil.copytree(package, tmp_path / "torch_bn_manual", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    (tmp_path / "torch_bn_manual" / ("_C" + importlib.machinery.EXTENSION_SUFFIXES[0])).write_bytes(b"not an ELF")
+    script = textwrap.dedent("""
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        import torch
+        import torch_bn_manual as bnm
+        try:
+            bnm.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cpp")
+        except RuntimeError as error:
+            print("CPP:", error)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "torch_bn_manual._C does not load (" in run.stdout, run.stdout
+    assert run.stdout.count("pip install --no-build-isolation -e .") == 1, run.stdout
+    assert "circular import" not in run.stdout and "not built" not in run.stdout, run.stdout
