@@ -69,5 +69,9 @@ def _speed(ax, ratios):
         ax.text(v, i, f" {v:.2f}x", va="center", fontsize=8)
     ax.set_xlim(0, max(values + [1.0]) * 1.2)
     ax.set_xlabel("time of torch.nn / time of ours  (> 1: ours faster)")
-    ax.set_title("Speed, float32 CPU, this run (glibc defaults)\nResNet layer: one BatchNorm2d at 32x64x56x56")
+    import torch
+
+    threads = torch.get_num_threads()
+    ax.set_title(f"Speed, float32 CPU, {threads} thread{'s' if threads > 1 else ''}, this run (glibc defaults)\n"
+                 "ResNet layer: one BatchNorm2d at 32x64x56x56")
     ax.grid(True, axis="x", alpha=0.3)

@@ -82,6 +82,11 @@ def print_table(headers, rows, indent="  "):
     sys.stdout.flush()
 
 
+def threads_text(word="thread"):
+    n = torch.get_num_threads()
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
 def relative_error(value, reference):
     """max|value - reference| / max|reference|."""
     scale = reference.abs().max().item()
@@ -408,7 +413,7 @@ def print_free_differences(runs, baseline):
 
 
 def print_timing(runs, step_times, bn_times, step_repeats, bn_repeats):
-    print(f"\n  Time of the demo net, float32 on the CPU, {torch.get_num_threads()} threads; nn time / ours,")
+    print(f"\n  Time of the demo net, float32 on the CPU, {threads_text()}; nn time / ours,")
     print("  > 1 means ours is faster (the machine may be shared: compare columns, not runs).")
     print(f"    step run:  training step (forward, backward, SGD; batch {BATCH}), mean over the training run above")
     print(f"    step:      the same, median of {step_repeats} steps on one batch, implementations taking turns")
@@ -792,7 +797,7 @@ def main(argv=None):
     print(INTRO)
     print(
         f"\ntorch {torch.__version__}, backends of ours: {', '.join(backends)}, devices: {', '.join(devices())},"
-        f" {torch.get_num_threads()} CPU threads"
+        f" {threads_text('CPU thread')}"
     )
     runs, baseline, lockstep, step_times, bn_times = training_section(backends, args)
     ratios = speed_section(backends, args, runs, step_times, bn_times)
