@@ -131,3 +131,23 @@ def test_fused_layers_shown_when_the_package_has_them(monkeypatch, capsys):
     output = capsys.readouterr().out
     assert "BatchNormAct2d" in output and "fused ms" in output
     assert sum("BN+ReLU" in k and "fused" in k for k in ratios) == 4, ratios
+
+
+def test_fused_net_trained_next_to_the_others_when_the_package_can_fuse(monkeypatch):
+    """With a fuse_activations, the demo adds an 'ours-fused' net; lockstep leaves it out when its ReLUs are
+    folded into the batch norms (it compares ReLU inputs layer by layer)."""
+
+    def fold_relus(model, backend="auto"):
+        for name, child in model.named_children():
+            if isinstance(child, nn.ReLU):
+                setattr(model, name, nn.Identity())
+            else:
+                fold_relus(child, backend)
+        return model
+
+    monkeypatch.setattr(bnm, "fuse_activations", fold_relus, raising=False)
+    models = demo.build_models(bnm.available_backends(), seed=0)
+    assert "ours-fused" in models and demo.count_relus(models["ours-fused"]) == 0
+    assert demo.count_relus(models["nn"]) == 3
+    lockstep = demo.Lockstep(models)
+    assert "ours-fused" not in lockstep.models and set(lockstep.models) == {f"ours-{b}" for b in bnm.available_backends()}
