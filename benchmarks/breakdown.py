@@ -12,7 +12,7 @@ bench.py times whole steps. This splits them, to explain the ratios there:
    kernels alone, called directly: for nn `torch.batch_norm` (forward, no
    autograd) and for ours the train-forward and backward ops.
 
-glibc is told to keep freed memory for this run (as bench.py does by default),
+glibc is told to keep freed memory for this run (as in bench.py's second pass),
 so that page faults on fresh output memory, which come and go with the heap's
 history, do not blur the split. Columns take turns within each round
 (timing.take_turns); the median of the round medians is shown.
