@@ -28,7 +28,8 @@
 # GPU_CHECK_SKIP_BUILD=1 (use the extension as built: a rehearsal of the
 # rest), GPU_CHECK_BUILD_TIMEOUT (default 300 s; more for a rehearsal on a
 # slower machine), TORCH_CUDA_ARCH_LIST (only used without a GPU; default 9.0),
-# MAX_JOBS (default: the cores), CUDA_HOME (default /usr/local/cuda).
+# MAX_JOBS (default: the cores), CUDA_HOME (default /usr/local/cuda, else the
+# toolkit of the nvcc on PATH).
 # Exit status: 0 when every step that ran passed (also when there is no GPU:
 # the summary then says so), 1 when a step failed or timed out, 2 on misuse.
 set -uo pipefail
@@ -43,8 +44,18 @@ OUT=$(cd "$OUT" && pwd)
 PYTHON=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-450}
 RESERVE=20  # seconds kept for the summary
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export PATH="$PATH:$CUDA_HOME/bin"
+# The toolkit: CUDA_HOME, else /usr/local/cuda, else where the nvcc on PATH lives.
+if [ -z "${CUDA_HOME:-}" ]; then
+    if [ -x /usr/local/cuda/bin/nvcc ]; then
+        CUDA_HOME=/usr/local/cuda
+    elif command -v nvcc >/dev/null; then
+        CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    fi
+fi
+if [ -n "${CUDA_HOME:-}" ]; then
+    export CUDA_HOME
+    export PATH="$PATH:$CUDA_HOME/bin:$CUDA_HOME/compute-sanitizer"
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")

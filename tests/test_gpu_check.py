@@ -179,3 +179,12 @@ def test_fit_cuts_oversized_files_and_counts_them(tmp_path, monkeypatch):
         (tmp_path / f"f{i}.log").write_text("x")
     problems = gpu_check.fit(str(tmp_path))
     assert len(problems) == 1 and "9 files" in problems[0]
+
+
+def test_summary_falls_back_to_the_quick_bench_when_the_full_one_was_cut(tmp_path):
+    cut = BENCH.split("## Summary")[0]  # killed before its summary table
+    steps = [("bench-quick", "ok", "40", ""), ("bench", "timeout", "150", "killed after 150 s")]
+    out, scratch = make_run(tmp_path, steps, {"bench.md": cut, "bench-quick.md": BENCH})
+    text = gpu_check.summary(out, scratch)
+    assert "## benchmark: bench.md (timeout, 150 s, 2 cases)\nno summary table here; the rows are in bench.md" in text
+    assert "## benchmark: bench-quick.md (ok, 40 s, 2 cases)" in text and "| fwd | float32 | cpp | 1.10 |" in text
