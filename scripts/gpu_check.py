@@ -213,7 +213,8 @@ def summary(out: str, scratch: str) -> str:
             lines.append(f"  - {s['name']} {s['status']}: {s['note']}")
     ops_step = by_name.get("ops")
     if ops_step and ops_step["status"] != "ok":
-        found = [ln for ln in read(os.path.join(out, "build.log")).splitlines() if ln.startswith(("PROBLEM", "ops:"))]
+        log = read(os.path.join(out, "build.log")).splitlines()
+        found = [ln for ln in log if ln.startswith(("PROBLEM", "ops:"))] or [ln for ln in log if ln.strip()][-1:]
         lines += ["  - " + ln for ln in found[:4]] + ([f"  - ... {len(found) - 4} more in build.log"]
                                                       if len(found) > 4 else [])
 

@@ -65,6 +65,7 @@ START=$(date +%s)
 FAILED=0
 cd "$ROOT" || exit 2
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 
 elapsed() { echo $(($(date +%s) - START)); }
 # The timeout for a step: its cap, or what is left of the budget.
@@ -109,6 +110,8 @@ finish() {
     "$PYTHON" "$HELPER" summary "$OUT" "$SCRATCH" >/dev/null || echo "gpu-check: the summary could not be written"
     cat "$OUT/summary.md" 2>/dev/null
     "$PYTHON" "$HELPER" fit "$OUT" || FAILED=1
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null  # gpu_check.log complete before the files are collected
     exit $FAILED
 }
 
