@@ -185,7 +185,8 @@ else
             env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --print-limit 50 \
             --error-exitcode 86 "$PYTHON" tests/cuda_memcheck_script.py
     else
-        skip sanitizer "compute-sanitizer refused the device: $(grep -m1 -iE "not supported|error" "$OUT/sanitizer.log" | cut -c1-120)"
+        why=$(grep -m1 -iE "not supported|error" "$OUT/sanitizer.log" | cut -c1-120)
+        skip sanitizer "the probe failed (compute-sanitizer refused the device?): ${why:-no output, see sanitizer.log}"
     fi
     tail -n 5 "$OUT/sanitizer.log"
 fi
