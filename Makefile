@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SOURCES := setup.py scripts/setup_venv.sh $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 BUILT := $(VENV)/.torch_bn_manual-built
 
-.PHONY: demo test bench bench-cuda cuda-check clean
+.PHONY: demo test bench bench-cuda cuda-check gpu-check clean
 
 $(BUILT): $(SOURCES)
 	bash scripts/setup_venv.sh $(VENV)
@@ -28,6 +28,13 @@ bench-cuda: $(BUILT)
 # the CPU suite on that build; needs no GPU.
 cuda-check:
 	bash scripts/cuda_check.sh
+
+# The GPU machine's one run (scripts/gpu_check.sh): in-place build for the
+# local GPU, tests/test_cuda.py, compute-sanitizer, benchmarks; summary.md
+# and the logs in OUT. Uses PYTHON (default python3) as it is.
+gpu-check: PYTHON ?= python3
+gpu-check:
+	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh "$(OUT)"
 
 clean:
 	rm -rf build *.egg-info torch_bn_manual/_C*.so

@@ -25,6 +25,14 @@ void check_same_shape(const at::Tensor& other, const at::Tensor& input, const ch
               ", got ", other.device());
 }
 
+void check_same_device(const std::optional<at::Tensor>& param, const at::Tensor& input, const char* op,
+                       const char* name) {
+  if (!param.has_value() || !param->defined()) return;
+  TORCH_CHECK(param->device() == input.device(), "Expected all tensors to be on the same device, but got ", name,
+              " is on ", param->device(), ", different from other tensors on ", input.device(),
+              " (when checking argument in method ", op, ")");
+}
+
 void check_merge_stats_args(const at::Tensor& mean, const at::Tensor& m2, const char* op) {
   TORCH_CHECK(mean.dim() == 2, op, ": mean must be (G, C), got ", mean.sizes());
   TORCH_CHECK(m2.sizes() == mean.sizes(), op, ": m2 must have mean's shape ", mean.sizes(), ", got ", m2.sizes());

@@ -27,12 +27,16 @@ struct WelfordState {
 //   delta = mean_b - mean_a
 //   mean  = mean_a + delta * n_b / n
 //   m2    = m2_a + m2_b + delta^2 * n_a * n_b / n
-// An empty side (count 0) leaves the other unchanged.
+// An empty side (count 0) leaves the other unchanged, returned as it is: the
+// formula would give delta^2 * 0, which is NaN where delta^2 overflows
+// (float statistics of bfloat16 values beyond about 1.8e19).
 template <typename acc_t>
 C10_HOST_DEVICE inline WelfordState<acc_t> welford_merge(
     const WelfordState<acc_t>& a, const WelfordState<acc_t>& b) {
+  if (b.count == acc_t(0)) return a;
+  if (a.count == acc_t(0)) return b;
   const acc_t count = a.count + b.count;
-  const acc_t b_share = count > acc_t(0) ? b.count / count : acc_t(0);
+  const acc_t b_share = b.count / count;
   const acc_t delta = b.mean - a.mean;
   WelfordState<acc_t> out;
   out.mean = a.mean + delta * b_share;

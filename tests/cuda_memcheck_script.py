@@ -58,6 +58,8 @@ def run(shape, dtype, name, gen):
         OPS.batch_norm_backward(dy, x, w, mean, invstd, train, EPS, [True, True, True])
         OPS.batch_norm_backward(dy, x, None, mean, invstd, train, EPS, [True, False, False])
     OPS.batch_norm_backward(dy.contiguous(), x, w, mean, invstd, True, EPS, [False, True, True])
+    # dweight/dbias in a weight dtype other than the usual one (float64): written where allocated
+    OPS.batch_norm_backward(dy, x, w.double(), mean, invstd, True, EPS, [True, True, True])
     m, m2, count = OPS.batch_norm_collect_stats(x)
     sum_dy, sum_dy_xmu = OPS.batch_norm_backward_reduce(dy, x, mean, invstd)
     OPS.batch_norm_backward_elementwise(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)

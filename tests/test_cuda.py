@@ -206,7 +206,8 @@ def test_decomposed_match_fused(case, gen):
     assert torch.equal(mean, save_mean)
     assert torch.equal(count, torch.full_like(mean, x.numel() // shape[1]))
     assert rel_err(m2, ref_stats(x)[1]) <= (1e-5 if dtype in HALF else 1e-12)
-    assert torch.allclose(torch.rsqrt(m2 / count + EPS), save_invstd, rtol=1e-6 if dtype in HALF else 1e-14)
+    invstd = torch.rsqrt(m2 / count + EPS).to(save_invstd.dtype)  # count is float64 for every input
+    assert torch.allclose(invstd, save_invstd, rtol=1e-6 if dtype in HALF else 1e-14)
     assert torch.equal(OPS.batch_norm_elementwise(x, w, b, save_mean, save_invstd), y)
 
     dx, dw, db = OPS.batch_norm_backward(dy, x, w, save_mean, save_invstd, True, EPS, [True, True, True])
@@ -251,13 +252,14 @@ def test_merge_stats(dtype, gen):
     mean, m2, count = (torch.stack([s[i] for s in stats]).to(dtype) for i in range(3))
     merged = OPS.batch_norm_merge_stats(mean, m2, count)
     whole_mean, whole_m2, whole_count = ref_stats(torch.cat(parts))
-    assert all(t.dtype == dtype and t.shape == (channels,) and t.device == mean.device for t in merged)
+    assert all(t.shape == (channels,) and t.device == mean.device for t in merged)
+    assert merged[0].dtype == merged[1].dtype == dtype and merged[2].dtype == torch.float64  # the count: exact
     rtol = 1e-12 if dtype == torch.float64 else 1e-6
     assert torch.allclose(merged[0].double(), whole_mean, rtol=rtol, atol=0)
     assert torch.allclose(merged[1].double(), whole_m2, rtol=10 * rtol, atol=0)
     assert torch.equal(merged[2].double(), torch.full((channels,), float(whole_count), dtype=torch.float64, device=DEV))
     one = OPS.batch_norm_merge_stats(mean[:1], m2[:1], count[:1])
-    assert all(torch.equal(a, b[0]) for a, b in zip(one, (mean, m2, count)))
+    assert all(torch.equal(a, b[0].to(a.dtype)) for a, b in zip(one, (mean, m2, count)))
     # the CPU kernel folds the same groups in the same order
     cpu = OPS.batch_norm_merge_stats(mean.cpu(), m2.cpu(), count.cpu())
     assert all(torch.allclose(a.cpu(), c, rtol=1e-14, atol=0) for a, c in zip(merged, cpu))
@@ -292,6 +294,77 @@ def test_errors():
         OPS.batch_norm_backward_reduce(x.cpu(), x, torch.zeros(3, device=DEV), torch.ones(3, device=DEV))
     with pytest.raises(RuntimeError):
         OPS.batch_norm_train_forward(x.int(), None, None, EPS)
+
+
+def test_parameters_on_another_device_raise_like_nn(gen):
+    """A CPU weight or bias with a CUDA input is an error, as in nn (which
+    raises too), raised by the op checks before any kernel runs; until then
+    the backward wrote dweight to the CPU weight's host pointer from the GPU."""
+    x = randn((4, 3, 5, 5), gen)
+    dy = randn((4, 3, 5, 5), gen)
+    w, b = params(3, gen, torch.float32)
+    with pytest.raises(RuntimeError):
+        nn.functional.batch_norm(x, None, None, w.cpu(), b, training=True)
+    mean, invstd = OPS.batch_norm_train_forward(x, w, b, EPS)[1:]
+    sums = OPS.batch_norm_backward_reduce(dy, x, mean, invstd)
+    calls = {
+        "train_forward": lambda w, b: OPS.batch_norm_train_forward(x, w, b, EPS),
+        "eval_forward": lambda w, b: OPS.batch_norm_eval_forward(x, w, b, mean, invstd, EPS),
+        "elementwise": lambda w, b: OPS.batch_norm_elementwise(x, w, b, mean, invstd),
+        "backward": lambda w, b: OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True]),
+        "backward_elementwise": lambda w, b: OPS.batch_norm_backward_elementwise(dy, x, mean, invstd, w, *sums,
+                                                                                 torch.tensor(100.0)),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device, but got weight is on "
+                                               "cpu, different from other tensors on cuda"):
+            call(w.cpu(), b)
+        if name in ("train_forward", "eval_forward", "elementwise"):
+            with pytest.raises(RuntimeError, match="but got bias is on cpu"):
+                call(w, b.cpu())
+    torch.cuda.synchronize()  # the context is still sound
+
+
+@pytest.mark.parametrize("wdtype", [torch.float64, torch.float32])
+def test_parameter_grads_on_input_device_in_weight_dtype(wdtype, gen):
+    """dweight/dbias are allocated on the input's device in the weight's dtype."""
+    x, dy = randn((6, 4, 3, 3), gen, torch.float16), randn((6, 4, 3, 3), gen, torch.float16)
+    w = randn(4, gen, wdtype, offset=1.0, scale=0.1)
+    y, mean, invstd = OPS.batch_norm_train_forward(x, w, None, EPS)
+    dx, dw, db = OPS.batch_norm_backward(dy, x, w, mean, invstd, True, EPS, [True, True, True])
+    assert dw.device == db.device == x.device and dw.dtype == db.dtype == wdtype
+    ref_mean, ref_m2, count = ref_stats(x.cpu())
+    ref_invstd = (ref_m2 / count + EPS).rsqrt()
+    _, ref_dw, ref_db = ref_backward(dy.cpu(), x.cpu(), w.cpu(), ref_mean, ref_invstd, True)
+    assert rel_err(dw.cpu(), ref_dw) <= 2e-3 and rel_err(db.cpu(), ref_db) <= 2e-3
+
+
+@pytest.mark.parametrize("shape", [(2**24 + 3, 2), (1, 2, 2**24 + 3)], ids=["rows", "ncl"])
+def test_half_counts_above_2_24_are_exact(shape, gen):
+    """collect_stats counts 2^24 + 3 values per channel exactly (float64):
+    float32, the statistics dtype of half input, would round it to 2^24 + 4."""
+    rows = 2**24 + 3
+    x = randn(shape, gen, torch.float16, offset=3.0)
+    mean, m2, count = OPS.batch_norm_collect_stats(x)
+    assert count.dtype == torch.float64 and count.tolist() == [float(rows)] * 2
+    ref_mean, ref_m2, _ = ref_stats(x.cpu())
+    assert rel_err(mean.cpu(), ref_mean) <= 1e-6 and rel_err(m2.cpu(), ref_m2) <= 1e-5
+    merged = OPS.batch_norm_merge_stats(torch.stack([mean, mean]), torch.stack([m2, m2]), torch.stack([count, count]))
+    assert merged[2].tolist() == [2.0 * rows] * 2
+
+
+def test_bfloat16_statistics_beyond_1_8e19(gen):
+    """Values whose float32 differences square past the float32 range: an
+    empty partial state merged in (count 0) must leave the other unchanged,
+    not give delta^2 * 0 = inf * 0 = NaN (csrc/welford.h)."""
+    x = randn((64, 3, 4, 4), gen, torch.bfloat16, offset=3e19, scale=1e17)
+    mean, m2, count = OPS.batch_norm_collect_stats(x)
+    ref_mean, ref_m2, _ = ref_stats(x.cpu())
+    assert torch.isfinite(mean).all() and torch.isfinite(m2).all()
+    assert rel_err(mean.cpu(), ref_mean) <= 1e-6 and rel_err(m2.cpu(), ref_m2) <= 1e-3
+    empty = OPS.batch_norm_collect_stats(x[:0])
+    merged = OPS.batch_norm_merge_stats(*(torch.stack([e, s, e]) for e, s in zip(empty, (mean, m2, count))))
+    assert torch.equal(merged[0], mean) and torch.equal(merged[1], m2) and torch.equal(merged[2], count)
 
 
 # ---------------------------------------------------------------------------
@@ -700,23 +773,62 @@ def test_second_device(gen):
 # compute-sanitizer
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
-def test_compute_sanitizer(tool):
-    """No out-of-bounds or misaligned access, shared-memory race, or read of
-    uninitialized memory in any kernel (tests/cuda_memcheck_script.py runs them all)."""
+# One tool over the script: its shapes are small, but the sanitizers slow
+# kernels down many times and add start-up time; a hang must not stall the run.
+SANITIZER_TIMEOUT_S = 300
+
+
+def _sanitizer():
     sanitizer = shutil.which("compute-sanitizer")
     if sanitizer is None:
         cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
         candidate = os.path.join(cuda_home, "bin", "compute-sanitizer")
         sanitizer = candidate if os.path.exists(candidate) else None
+    return sanitizer
+
+
+_probe_result = {}
+
+
+def _sanitizer_refusal(sanitizer):
+    """Why the sanitizer cannot run a CUDA program here, or None. Some machines
+    refuse the device ("Device not supported", then error 999 at the first
+    allocation); a small probe says so in seconds instead of a failure later."""
+    if "why" not in _probe_result:
+        probe = "import torch; torch.ones(4, device='cuda').sum().item(); print('sanitizer probe ok')"
+        try:
+            result = subprocess.run([sanitizer, "--tool", "memcheck", sys.executable, "-c", probe],
+                                    capture_output=True, text=True, timeout=120)
+            output = result.stdout + result.stderr
+            ok = result.returncode == 0 and "sanitizer probe ok" in result.stdout
+            lines = [ln for ln in output.splitlines() if "not supported" in ln.lower() or "error" in ln.lower()]
+            _probe_result["why"] = None if ok else (lines[0].strip() if lines else output.strip()[-300:])
+        except subprocess.TimeoutExpired:
+            _probe_result["why"] = "the probe (one small allocation) ran past 120 s"
+    return _probe_result["why"]
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "initcheck"])
+def test_compute_sanitizer(tool):
+    """No out-of-bounds or misaligned access, shared-memory race, or read of
+    uninitialized memory in any kernel (tests/cuda_memcheck_script.py runs them all)."""
+    sanitizer = _sanitizer()
     if sanitizer is None:
         pytest.skip("compute-sanitizer is not on PATH")
+    refusal = _sanitizer_refusal(sanitizer)
+    if refusal is not None:
+        pytest.skip(f"compute-sanitizer refuses this device: {refusal}")
     env = dict(os.environ)
     env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"  # every tensor its own allocation: overruns show
     env["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, env.get("PYTHONPATH", "")] if p)
     script = os.path.join(REPO, "tests", "cuda_memcheck_script.py")
-    cmd = [sanitizer, "--tool", tool, "--error-exitcode", "86", sys.executable, script]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    cmd = [sanitizer, "--tool", tool, "--print-limit", "50", "--error-exitcode", "86", sys.executable, script]
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=SANITIZER_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        pytest.fail(f"compute-sanitizer --tool {tool} ran past {SANITIZER_TIMEOUT_S} s:\n"
+                    f"{(text(e.stdout) + text(e.stderr))[-3000:]}")
     report = (result.stdout + result.stderr)[-6000:]
     assert result.returncode == 0, report
     assert "cuda_memcheck_script: ok" in result.stdout, report

@@ -216,23 +216,36 @@ def collect_stats(input: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     x = input.to(stats_dtype(input.dtype))
     channels = input.size(1)
     count = _count(input)
+    # The count in float64 for every input: float32 (the statistics dtype of
+    # half inputs) would round counts above 2^24.
+    counts = torch.full((channels,), float(count), dtype=torch.float64, device=input.device)
     if count == 0:
         zeros = x.new_zeros(channels)
-        return zeros, zeros.clone(), zeros.clone()
+        return zeros, zeros.clone(), counts
     mean = x.mean(_reduce_dims(input))
     xmu = x - _per_channel(mean, input)
     m2 = (xmu * xmu).sum(_reduce_dims(input))
-    return mean, m2, torch.full_like(mean, count)
+    return mean, m2, counts
 
 
 def _welford_merge(a, b):
-    """Chan's merge of two (mean, m2, count) summaries; mirrors csrc/welford.h."""
+    """Chan's merge of two (mean, m2, count) summaries; mirrors csrc/welford.h.
+
+    An empty side leaves the other as it is (delta² · 0 would be NaN where
+    delta² overflows the float32 statistics of half inputs). The shares are
+    in the statistics' dtype, the counts keep theirs (float64: exact).
+    """
     mean_a, m2_a, n_a = a
     mean_b, m2_b, n_b = b
     n = n_a + n_b
-    b_share = torch.where(n > 0, n_b / n.clamp_min(1), torch.zeros_like(n))
+    b_share = (n_b / n.clamp_min(1)).to(mean_a.dtype)
     delta = mean_b - mean_a
-    return mean_a + delta * b_share, m2_a + m2_b + delta * delta * n_a * b_share, n
+    mean = mean_a + delta * b_share
+    m2 = m2_a + m2_b + delta * delta * n_a.to(mean_a.dtype) * b_share
+    a_empty, b_empty = n_a == 0, n_b == 0
+    mean = torch.where(b_empty, mean_a, torch.where(a_empty, mean_b, mean))
+    m2 = torch.where(b_empty, m2_a, torch.where(a_empty, m2_b, m2))
+    return mean, m2, n
 
 
 def merge_stats(mean: Tensor, m2: Tensor, count: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

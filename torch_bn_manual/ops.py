@@ -102,14 +102,14 @@ def _backward_fake(grad_output, input, weight, save_mean, save_invstd, train, ep
 def _collect_stats_fake(input):
     _check_input(input)
     sdt = _stats_dtype(input.dtype)
-    return _per_channel(input, sdt), _per_channel(input, sdt), _per_channel(input, sdt)
+    return _per_channel(input, sdt), _per_channel(input, sdt), _per_channel(input, torch.float64)  # count: exact
 
 
 @torch.library.register_fake(_LIB + "batch_norm_merge_stats")
 def _merge_stats_fake(mean, m2, count):
     torch._check(mean.dim() == 2, lambda: f"mean must be (G, C), got {tuple(mean.shape)}")
     channels = mean.shape[1]
-    return tuple(mean.new_empty((channels,)) for _ in range(3))
+    return mean.new_empty((channels,)), mean.new_empty((channels,)), mean.new_empty((channels,), dtype=torch.float64)
 
 
 @torch.library.register_fake(_LIB + "batch_norm_elementwise")

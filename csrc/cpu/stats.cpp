@@ -160,8 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> collect_stats(const at::Tensor& i
     count[c] = states[c].count;
   }
   const auto sdt = stats_dtype(input.scalar_type());
+  // count in float64 whatever the input: float32 (the statistics dtype of
+  // half inputs) would round counts above 2^24.
   return {channel_tensor(mean, input.options(), sdt), channel_tensor(m2, input.options(), sdt),
-          channel_tensor(count, input.options(), sdt)};
+          channel_tensor(count, input.options(), at::kDouble)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& mean, const at::Tensor& m2,
@@ -187,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& mea
   }
   const auto dtype = mean.scalar_type();
   return {channel_tensor(out_mean, mean.options(), dtype), channel_tensor(out_m2, mean.options(), dtype),
-          channel_tensor(out_count, mean.options(), dtype)};
+          channel_tensor(out_count, mean.options(), at::kDouble)};
 }
 
 }  // namespace cpu

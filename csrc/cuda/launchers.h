@@ -58,7 +58,8 @@ void launch_stats(const ReducePlan& plan, const Geometry& g, DType dtype, const 
                   cudaStream_t stream);
 
 // What the statistics finalize writes; null pointers are skipped.  mean, m2,
-// count, invstd are (C,) arrays of the statistics dtype; params is the (C,)
+// invstd are (C,) arrays of the statistics dtype, count a (C,) float64 array
+// (exact: float32 would round counts above 2^24); params is the (C,)
 // array of forward ChannelParams in the compute type.
 struct StatsOutputs {
   void* mean = nullptr;

@@ -49,6 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward(const at::Tensor& i
                                                              const OptTensor& bias, double eps) {
   const char* op = "batch_norm_train_forward";
   check_input(input, op);
+  check_same_device(weight, input, op, "weight");
+  check_same_device(bias, input, op, "bias");
   const c10::cuda::CUDAGuard guard(input.device());
   Dense d = dense_input(input);
   const int64_t C = d.g.C;
@@ -85,6 +87,8 @@ at::Tensor normalize_with(const char* op, const at::Tensor& input, const OptTens
                           const at::Tensor& mean, const at::Tensor& second, const char* second_name, bool from_var,
                           double eps) {
   check_input(input, op);
+  check_same_device(weight, input, op, "weight");
+  check_same_device(bias, input, op, "bias");
   const c10::cuda::CUDAGuard guard(input.device());
   Dense d = dense_input(input);
   const int64_t C = d.g.C;
@@ -124,7 +128,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> collect_stats(const at::Tensor& i
   const auto sdt = stats_dtype(input.scalar_type());
   at::Tensor mean = channel_empty(C, input, sdt);
   at::Tensor m2 = channel_empty(C, input, sdt);
-  at::Tensor count = channel_empty(C, input, sdt);
+  // float64 whatever the input: the float32 statistics of half inputs would
+  // round counts above 2^24, and SyncBatchNorm merges and divides by them.
+  at::Tensor count = channel_empty(C, input, at::kDouble);
   if (d.g.numel() == 0) {
     mean.zero_();
     m2.zero_();
@@ -164,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> merge_stats(const at::Tensor& mea
                        out_count.data_ptr<double>(), current_stream());
   }
   const auto dtype = mean.scalar_type();
-  return {out_mean.to(dtype), out_m2.to(dtype), out_count.to(dtype)};
+  return {out_mean.to(dtype), out_m2.to(dtype), out_count};  // the count stays float64: exact
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
@@ -175,6 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const char* op = "batch_norm_backward";
   check_input(input, op);
   check_same_shape(grad_output, input, op, "grad_output");
+  check_same_device(weight, input, op, "weight");
   const c10::cuda::CUDAGuard guard(input.device());
   Dense d = dense_input(input);
   const int64_t C = d.g.C;
@@ -191,7 +198,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const bool need_gb = has_w && output_mask[2];
   const bool need_sums = need_gw || need_gb || (train && need_gi);
 
-  const auto wopt = has_w ? weight->options() : input.options();
+  // On the input's device (where the finalize kernel writes them), in the
+  // weight's dtype (docs/architecture.md), as the fake kernel in ops.py says.
+  const auto wopt = input.options().dtype(has_w ? weight->scalar_type() : input.scalar_type());
   at::Tensor grad_input = need_gi ? empty_like_dense(d) : at::empty({0}, input.options());
   at::Tensor grad_weight = at::empty({need_gw ? C : 0}, wopt);
   at::Tensor grad_bias = at::empty({need_gb ? C : 0}, wopt);
@@ -265,6 +274,7 @@ at::Tensor backward_elementwise(const at::Tensor& grad_output, const at::Tensor&
   const char* op = "batch_norm_backward_elementwise";
   check_input(input, op);
   check_same_shape(grad_output, input, op, "grad_output");
+  check_same_device(weight, input, op, "weight");
   const c10::cuda::CUDAGuard guard(input.device());
   Dense d = dense_input(input);
   const int64_t C = d.g.C;

@@ -142,7 +142,7 @@ __global__ void stats_finalize_kernel(const WelfordState<stat_t<scalar_t>>* __re
   const st invstd = static_cast<st>(inverse_std(count > 0 ? static_cast<double>(m2) / count : 0.0, out.eps));
   if (out.mean) static_cast<st*>(out.mean)[c] = mean;
   if (out.m2) static_cast<st*>(out.m2)[c] = m2;
-  if (out.count) static_cast<st*>(out.count)[c] = static_cast<st>(count);
+  if (out.count) static_cast<double*>(out.count)[c] = count;  // float64: exact
   if (out.invstd) static_cast<st*>(out.invstd)[c] = invstd;
   if (out.params) {
     static_cast<ChannelParams<ct>*>(out.params)[c] =
