@@ -186,3 +186,17 @@ def test_vmap_over_parameters_and_statistics(backend):
     ours = vmap(lambda w: bnm.batch_norm(x, None, None, w, None, True, backend=backend))(ws)
     ref = vmap(lambda w: F.batch_norm(x, None, None, w, None, True))(ws)
     assert_close(ours, ref)
+
+
+def test_plain_eager_keeps_the_compiled_autograd_nodes():
+    """The routing leaves plain eager calls on the C++ autograd kernels (no Python Function)."""
+    if "cpp" not in bnm.available_backends():
+        pytest.skip("compiled extension not built")
+    layer = bnm.BatchNorm2d(3, backend="cpp")
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        assert "CppNode" in layer(x).grad_fn.name()
+    with fwAD.dual_level():
+        y = layer(fwAD.make_dual(x.detach(), torch.randn_like(x)))
+        assert fwAD.unpack_dual(y).tangent is not None

@@ -13,7 +13,7 @@
   (batched input with unbatched running statistics in training; running
   statistics that carry a tangent in eval).
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as _forward_ad

@@ -54,7 +54,9 @@ def _nn_uses_cudnn(input: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     """native/Normalization.cpp's backend choice (cuDNN's minimum eps is 0 since cuDNN 7.x)."""
     if weight is None or bias is None or input.dim() < 3:
         return False
-    if torch.bfloat16 in (input.dtype, weight.dtype) or (input.dtype == torch.float16 and weight.dtype != torch.float32):
+    if torch.bfloat16 in (input.dtype, weight.dtype):
+        return False
+    if input.dtype == torch.float16 and weight.dtype != torch.float32:
         return False
     if input.shape[0] > (880801 if training else 65535) or input.numel() >= 2**31 - 1:
         return False

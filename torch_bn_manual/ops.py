@@ -14,6 +14,10 @@ the C++ side leaves to Python:
   its derivative here differentiates _python.differentiable_backward, the
   same formula in torch ops. The other ops have no derivative: their outputs
   never require grad;
+- the torch.func / forward-mode AD path: under a transform or a dual level
+  the forward ops run inside Python Functions (setup_context, jvp, vmap) that
+  call the same compiled ops, since functorch cannot see through the C++
+  autograd kernels (docs/architecture.md, "Which path runs");
 
 and the backend interface of docs/architecture.md, with the signatures of
 _python.py, as thin wrappers over ``torch.ops.torch_bn_manual``.
