@@ -22,18 +22,29 @@ SHAPES = [(1, 2, 3, 1), (2, 3, 4, 5), (2, 3, 1, 1), (1, 3, 1, 4), (1, 1, 2, 2), 
           (2, 1, 3), (2, 3, 1, 2, 2), (1, 2, 1, 1, 3)]
 
 
+def _orders(nd):
+    """Memory orders (outermost first): all of them up to 4 dims, a few telling ones for 5."""
+    if nd <= 4:
+        return list(itertools.permutations(range(nd)))
+    return [(0, 1, 2, 3, 4), (0, 2, 3, 4, 1), (1, 0, 2, 3, 4), (4, 3, 2, 1, 0), (2, 0, 3, 1, 4), (0, 3, 1, 2, 4)]
+
+
 def layouts(x):
-    """x in every order of its dims (dense), and a non-dense slice."""
+    """x in many orders of its dims (dense), and a non-dense slice."""
     nd = x.dim()
-    for perm in itertools.permutations(range(nd)):
+    for perm in _orders(nd):
         yield f"order{perm}", x.permute(perm).contiguous().permute([perm.index(i) for i in range(nd)])
     wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)
     wide[..., ::2] = x
     yield "strided", wide[..., ::2]
 
 
-def cases():
-    for shape in SHAPES:
+# Fewer shapes for the slower checks: an ambiguous 4-D one, 2-D, 3-D and 5-D.
+FEW_SHAPES = [(1, 2, 3, 1), (4, 3), (2, 3, 4), (2, 3, 1, 2, 2)]
+
+
+def cases(shapes=SHAPES):
+    for shape in shapes:
         x = torch.randn(shape, dtype=torch.float64) + 0.5
         for name, layout in layouts(x):
             for training in (True, False):
@@ -45,7 +56,7 @@ def cases():
 @pytest.mark.parametrize("contiguous_weight", [True, False], ids=["weight", "strided_weight"])
 def test_output_and_grad_strides_match_nn(backend, contiguous_weight):
     checked = 0
-    for shape, name, x, training in cases():
+    for shape, name, x, training in cases(SHAPES if contiguous_weight else FEW_SHAPES):
         channels = shape[1]
         w = torch.randn(channels if contiguous_weight else 2 * channels, dtype=torch.float64)
         w = w if contiguous_weight else w[::2]
@@ -70,7 +81,7 @@ def test_output_and_grad_strides_match_nn(backend, contiguous_weight):
         if backend == "cpp":  # the python backend's gradients follow torch's elementwise ops
             assert g.stride() == g_nn.stride(), (shape, name, training)
         checked += 1
-    assert checked > 200
+    assert checked > (200 if contiguous_weight else 40)
 
 
 def test_pytorch_batchnorm_non_contig(backend):
@@ -95,7 +106,7 @@ def test_pytorch_batchnorm_non_contig(backend):
 @pytest.mark.skipif("cpp" not in bnm.available_backends(), reason="compiled extension not built")
 def test_fake_kernels_give_the_kernels_strides():
     ops = torch.ops.torch_bn_manual
-    for shape, name, x, training in cases():
+    for shape, name, x, training in cases(FEW_SHAPES):
         channels = shape[1]
         w, b = torch.randn(channels, dtype=torch.float64), torch.randn(channels, dtype=torch.float64)
         rm, rv = torch.zeros(channels, dtype=torch.float64), torch.ones(channels, dtype=torch.float64)
