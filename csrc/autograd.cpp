@@ -128,25 +128,26 @@ struct EvalForward : public torch::autograd::Function<EvalForward> {
     static const auto op = find_op<EvalForwardSig>("torch_bn_manual::batch_norm_eval_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor output = op.call(input, weight, bias, running_mean, running_var, eps);
-    // The running statistics themselves, not copies (a copy per call costs
-    // more than the kernel on small layers). Saving them checks their
-    // version: a backward after they were updated in place raises autograd's
-    // "modified by an inplace operation" rather than return the gradient of
-    // a different function.
-    ctx->save_for_backward({input, weight.value_or(Tensor()), running_mean, running_var});
+    // The statistics this forward used, as the backward needs them: the mean
+    // and invstd in the statistics dtype, computed here (2·C values). Saving
+    // the buffers themselves would tie the gradient to their later values: a
+    // training step in between updates them in place, and the backward would
+    // then either fail (autograd's version check) or, as torch.nn does, use
+    // statistics this output was never computed with. This node exists only
+    // when a gradient is needed (eval_forward_autograd).
+    // (Below autograd no op may hand back its input, so no to() that could be a no-op.)
+    const auto sdt = stats_dtype(input.scalar_type());
+    const Tensor mean = running_mean.to(sdt, /*non_blocking=*/false, /*copy=*/true);
+    const Tensor var = running_var.scalar_type() == sdt ? running_var : running_var.to(sdt);
+    const Tensor invstd = (var + eps).rsqrt();
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
     save_arguments(ctx, bias, eps);
     return {output};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor& input = saved[0];
-    const double eps = ctx->saved_data["eps"].toDouble();
-    // The statistics as constants, in the statistics dtype.
-    const auto sdt = stats_dtype(input.scalar_type());
-    const Tensor mean = saved[2].detach().to(sdt);
-    const Tensor invstd = (saved[3].detach().to(sdt) + eps).rsqrt();
-    variable_list out = backward_of(ctx, grads[0], input, saved[1], mean, invstd, /*train=*/false);
+    variable_list out = backward_of(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], /*train=*/false);
     out.resize(6);  // running_mean, running_var, eps: no gradient
     return out;
   }
@@ -158,8 +159,20 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(const Tensor& input, c
   return {out[0], out[1], out[2]};
 }
 
+bool requires_grad(const OptTensor& t) {
+  return present(t) && t->requires_grad();
+}
+
 Tensor eval_forward_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                              const Tensor& running_mean, const Tensor& running_var, double eps) {
+  // No gradient wanted (inference, or nothing requires grad): the kernel
+  // alone, without a graph node and without the statistics' copies.
+  if (!c10::GradMode::is_enabled() ||
+      !(input.requires_grad() || requires_grad(weight) || requires_grad(bias))) {
+    static const auto op = find_op<EvalForwardSig>("torch_bn_manual::batch_norm_eval_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, weight, bias, running_mean, running_var, eps);
+  }
   return EvalForward::apply(input, weight, bias, running_mean, running_var, eps)[0];
 }
 

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import _func, _layout
+
 __all__ = [
     "stats_dtype",
     "suggest_memory_format",
@@ -155,45 +157,112 @@ def _backward(ctx, grad_output: Tensor, train: bool):
     return grad_input, grad_weight, grad_bias
 
 
-class _TrainForward(torch.autograd.Function):
-    """Training mode: normalize with the batch's own statistics."""
+def _eval_statistics(input: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """(mean, invstd) in the statistics dtype, as new tensors (never the buffers themselves)."""
+    sdtype = stats_dtype(input.dtype)
+    mean = running_mean.detach().to(sdtype, copy=True)
+    invstd = torch.rsqrt(running_var.detach().to(sdtype) + eps)
+    return mean, invstd
+
+
+class _TrainForwardCore(torch.autograd.Function):
+    """Training mode: normalize with the batch's own statistics (forward and backward).
+
+    _TrainForward adds the tangents and the vmap rule; this class without
+    them is what torch.compile traces (Dynamo does not trace a custom jvp).
+    """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps):
+    def forward(input, weight, bias, eps):
         x = input.contiguous(memory_format=suggest_memory_format(input))
         mean, invstd = _batch_stats(x, eps)
         output = _normalize(x, weight, bias, mean, invstd)
+        return _layout.with_strides(output, _layout.output_strides(input, weight, bias)), mean, invstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, _bias, eps = inputs
+        _output, mean, invstd = outputs
         # The original input (not a copy) is saved so that double backward
         # stays connected to it.
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, invstd)
-        return output, mean, invstd
+        # Inputs without a tangent get None in jvp (not zeros), and no zero
+        # gradients are made for save_mean/save_invstd.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        if grad_output is None:  # only save_mean/save_invstd were used
+            return None, None, None, None
         grad_input, grad_weight, grad_bias = _backward(ctx, grad_output, train=True)
         return grad_input, grad_weight, (grad_bias if ctx.needs_input_grad[2] else None), None
 
 
-class _EvalForward(torch.autograd.Function):
-    """Eval mode: running statistics are constants, so dx = w * invstd * dy."""
+class _TrainForward(_TrainForwardCore):
+    """_TrainForwardCore for forward-mode AD and every torch.func transform too."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps):
+    def jvp(ctx, input_t, weight_t, bias_t, _eps_t):
+        input, weight, mean, invstd = ctx.saved_tensors
+        return _func.tangent(input, weight, mean, invstd, input_t, weight_t, bias_t, train=True), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, eps):
+        return _func.vmap_train_forward(_TrainForward.apply, info, in_dims, input, weight, bias, eps)
+
+
+class _EvalForwardCore(torch.autograd.Function):
+    """Eval mode: running statistics are constants, so dx = w * invstd * dy.
+
+    The backward uses the statistics this forward used: copies are saved, so
+    a later in-place update of the buffers (a training step) changes neither
+    the result nor raises (torch.nn would use the updated buffers).
+    """
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, eps):
         x = input.contiguous(memory_format=suggest_memory_format(input))
-        sdtype = stats_dtype(input.dtype)
-        mean = running_mean.to(sdtype)
-        invstd = torch.rsqrt(running_var.to(sdtype) + eps)
+        mean, invstd = _eval_statistics(input, running_mean, running_var, eps)
         output = _normalize(x, weight, bias, mean, invstd)
+        return _layout.with_strides(output, _layout.output_strides(input, weight, bias, running_mean, running_var,
+                                                                   training=False))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _bias, running_mean, running_var, eps = inputs
+        mean, invstd = _eval_statistics(input, running_mean, running_var, eps)
         ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
         ctx.eps = eps
-        return output
+        # In jvp, None for inputs without a tangent: a running statistic
+        # then carries one only when the caller gave it one.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_output):
+        if grad_output is None:  # an undefined (zero) gradient: grads are not materialized
+            return None, None, None, None, None, None
         grad_input, grad_weight, grad_bias = _backward(ctx, grad_output, train=False)
         return grad_input, grad_weight, (grad_bias if ctx.needs_input_grad[2] else None), None, None, None
+
+
+class _EvalForward(_EvalForwardCore):
+    """_EvalForwardCore for forward-mode AD and every torch.func transform too."""
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, _eps_t):
+        input, weight, mean, invstd = ctx.saved_tensors
+        if input_t is not None or weight_t is not None or bias_t is not None:
+            _func.check_no_running_stat_tangents(running_mean_t, running_var_t)
+        return _func.tangent(input, weight, mean, invstd, input_t, weight_t, bias_t, train=False)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
+        return _func.vmap_eval_forward(_EvalForward.apply, info, in_dims, input, weight, bias, running_mean,
+                                       running_var, eps)
 
 
 # ---------------------------------------------------------------------------
@@ -202,12 +271,16 @@ class _EvalForward(torch.autograd.Function):
 
 def train_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
     """(output, save_mean, save_invstd) with batch statistics; differentiable."""
+    if torch.compiler.is_compiling():
+        return _TrainForwardCore.apply(input, weight, bias, eps)
     return _TrainForward.apply(input, weight, bias, eps)
 
 
 def eval_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
     """output with the given (running) statistics; differentiable in input, weight, bias."""
+    if torch.compiler.is_compiling():
+        return _EvalForwardCore.apply(input, weight, bias, running_mean, running_var, eps)
     return _EvalForward.apply(input, weight, bias, running_mean, running_var, eps)
 
 
@@ -299,6 +372,7 @@ def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, 
     The biased batch variance is rebuilt as 1/invstd² - eps (clamped at 0).
     Returns new tensors; the caller copies them into the buffers.
     """
+    _func.check_running_stats_batched(save_mean, running_mean, running_var)
     with torch.no_grad():
         invstd = save_invstd.to(torch.float64)
         batch_var = (1.0 / (invstd * invstd) - eps).clamp_min(0)

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import _python
+from . import _func, _python
 from .backends import get_backend
 from .export import aten_eval_batch_norm, capturing_standalone_graph
 
@@ -107,6 +107,8 @@ def _copy_into_buffers(running_mean: Tensor, running_var: Tensor, new_mean: Tens
     needed when one of the four requires grad (the python backend's new
     statistics do, when the input does).
     """
+    if _func.store_running_stats(running_mean, running_var, new_mean, new_var):  # under torch.func transforms
+        return
     any_grad = (new_mean.requires_grad or new_var.requires_grad
                 or running_mean.requires_grad or running_var.requires_grad)
     with torch.no_grad() if any_grad else contextlib.nullcontext():

@@ -14,6 +14,10 @@ the C++ side leaves to Python:
   its derivative here differentiates _python.differentiable_backward, the
   same formula in torch ops. The other ops have no derivative: their outputs
   never require grad;
+- the torch.func / forward-mode AD path: under a transform or a dual level
+  the forward ops run inside Python Functions (setup_context, jvp, vmap) that
+  call the same compiled ops, since functorch cannot see through the C++
+  autograd kernels (docs/architecture.md, "Which path runs");
 
 and the backend interface of docs/architecture.md, with the signatures of
 _python.py, as thin wrappers over ``torch.ops.torch_bn_manual``.
@@ -30,7 +34,7 @@ except ImportError as error:
         f"torch_bn_manual._C, the compiled extension, could not be loaded ({error}); "
         "build it with `pip install --no-build-isolation -e .` in the project root") from error
 
-from . import _python
+from . import _func, _layout, _python
 
 __all__ = [
     "train_forward",
@@ -52,13 +56,8 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _output_format(input: Tensor) -> torch.memory_format:
-    """The memory format of outputs shaped like input: ATen's suggest_memory_format."""
-    return torch._prims_common.suggest_memory_format(input)
-
-
-def _like_input(input: Tensor) -> Tensor:
-    return torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+def _strided_like(input: Tensor, strides) -> Tensor:
+    return torch.empty_strided(input.shape, strides, dtype=input.dtype, device=input.device)
 
 
 def _per_channel(input: Tensor, dtype: torch.dtype) -> Tensor:
@@ -78,19 +77,22 @@ def _check_input(input: Tensor) -> None:
 def _train_forward_fake(input, weight, bias, eps):
     _check_input(input)
     sdt = _stats_dtype(input.dtype)
-    return _like_input(input), _per_channel(input, sdt), _per_channel(input, sdt)
+    output = _strided_like(input, _layout.output_strides(input, weight, bias))
+    return output, _per_channel(input, sdt), _per_channel(input, sdt)
 
 
 @torch.library.register_fake(_LIB + "batch_norm_eval_forward")
 def _eval_forward_fake(input, weight, bias, running_mean, running_var, eps):
     _check_input(input)
-    return _like_input(input)
+    return _strided_like(input, _layout.output_strides(input, weight, bias, running_mean, running_var,
+                                                       training=False))
 
 
 @torch.library.register_fake(_LIB + "batch_norm_backward")
 def _backward_fake(grad_output, input, weight, save_mean, save_invstd, train, eps, output_mask):
     _check_input(input)
-    grad_input = _like_input(input) if output_mask[0] else input.new_empty((0,))
+    grad_input = (_strided_like(input, _layout.grad_input_strides(grad_output, input)) if output_mask[0]
+                  else input.new_empty((0,)))
     wdtype = input.dtype if weight is None else weight.dtype
     channels = input.shape[1]
     grad_weight = input.new_empty((channels if weight is not None and output_mask[1] else 0,), dtype=wdtype)
@@ -115,7 +117,9 @@ def _merge_stats_fake(mean, m2, count):
 @torch.library.register_fake(_LIB + "batch_norm_elementwise")
 def _elementwise_fake(input, weight, bias, mean, invstd):
     _check_input(input)
-    return _like_input(input)
+    if input.device.type == "cuda":  # as nn's batch_norm_elemt: empty_like
+        return _strided_like(input, _layout.output_strides(input))
+    return _strided_like(input, _layout.output_strides(input, weight, bias))
 
 
 @torch.library.register_fake(_LIB + "batch_norm_backward_reduce")
@@ -128,7 +132,7 @@ def _backward_reduce_fake(grad_output, input, mean, invstd):
 @torch.library.register_fake(_LIB + "batch_norm_backward_elementwise")
 def _backward_elementwise_fake(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count):
     _check_input(input)
-    return _like_input(input)
+    return _strided_like(input, _layout.grad_input_strides(grad_output, input))
 
 
 @torch.library.register_fake(_LIB + "batch_norm_running_stats")
@@ -178,6 +182,130 @@ torch.library.register_autograd(_LIB + "batch_norm_backward", _double_backward,
                                 setup_context=_backward_setup_context)
 
 
+# vmap rules: a vmapped batch of B problems runs as one with B·C channels
+# (_func.py). Used by the torch.func path below: its backward under
+# vmap(grad(...)) and its forward-mode tangents under jacfwd.
+torch.library.register_vmap(_LIB + "batch_norm_backward", _func.channel_fold_rule(
+    _ops.batch_norm_backward, full=(0, 1), per_channel=(2, 3, 4), full_outputs=(0,), channel_outputs=(1, 2)))
+torch.library.register_vmap(_LIB + "batch_norm_elementwise", _func.channel_fold_rule(
+    _ops.batch_norm_elementwise, full=(0,), per_channel=(1, 2, 3, 4), full_outputs=(0,), channel_outputs=()))
+
+
+# ---------------------------------------------------------------------------
+# torch.func and forward-mode AD (docs/architecture.md, "Which path runs")
+# ---------------------------------------------------------------------------
+# functorch cannot see through the C++ autograd kernels of the forward ops, so
+# calls made under a torch.func transform or a forward-AD dual level take
+# these Python Functions instead; their forward, backward and tangents call
+# the same compiled ops. Plain eager calls never come here.
+
+def _output_tangent(input, weight, mean, invstd, eps, input_t, weight_t, bias_t, train):
+    """ẏ from the compiled ops: batch_norm_backward with ẋ in place of dy gives the
+    w·invstd·(...) part, batch_norm_elementwise the ẇ·x̂ + ḃ part."""
+    result = None
+    if input_t is not None:
+        mask = [True, False, False]
+        result = _ops.batch_norm_backward(input_t, input, weight, mean, invstd, train, eps, mask)[0]
+    if weight_t is not None or bias_t is not None:
+        if weight_t is None:
+            weight_t = torch.zeros_like(bias_t)
+        if bias_t is None:
+            bias_t = torch.zeros_like(weight_t)
+        affine_t = _ops.batch_norm_elementwise(input, weight_t, bias_t, mean, invstd)
+        result = affine_t if result is None else result + affine_t
+    return torch.zeros_like(input) if result is None else result
+
+
+def _grads(ctx, grad_output, train):
+    """(grad_input, grad_weight, grad_bias) of the saved forward.
+
+    The compiled batch_norm_backward, unless the graph of the backward is
+    being built (create_graph=True, which torch.func's grad transforms always
+    ask for): then the same formula in differentiable torch ops, the one the
+    double backward of batch_norm_backward differentiates, which every
+    transform can go through again.
+    """
+    input, weight, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], weight is not None and needs[1], weight is not None and needs[2]]
+    if torch.is_grad_enabled():
+        grads = _python.differentiable_backward(grad_output, input, weight, mean, invstd, train, ctx.eps)
+        return tuple(g if need else None for g, need in zip(grads, mask))
+    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(grad_output, input, weight, mean, invstd, train,
+                                                                  ctx.eps, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None)
+
+
+class _TrainForwardFunc(torch.autograd.Function):
+    """batch_norm_train_forward for torch.func transforms and forward-mode AD."""
+
+    @staticmethod
+    def forward(input, weight, bias, eps):
+        return _ops.batch_norm_train_forward(input, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, _bias, eps = inputs
+        _output, mean, invstd = outputs
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        if grad_output is None:
+            return None, None, None, None
+        return _grads(ctx, grad_output, train=True) + (None,)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, _eps_t):
+        input, weight, mean, invstd = ctx.saved_tensors
+        return _output_tangent(input, weight, mean, invstd, ctx.eps, input_t, weight_t, bias_t, True), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, eps):
+        return _func.vmap_train_forward(_TrainForwardFunc.apply, info, in_dims, input, weight, bias, eps)
+
+
+class _EvalForwardFunc(torch.autograd.Function):
+    """batch_norm_eval_forward for torch.func transforms and forward-mode AD."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, eps):
+        return _ops.batch_norm_eval_forward(input, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _bias, running_mean, running_var, eps = inputs
+        # The statistics of this call as new tensors: a later update of the
+        # buffers leaves this output's gradient alone.
+        mean, invstd = _python._eval_statistics(input, running_mean, running_var, eps)
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)  # jvp: None for inputs without a tangent
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None:  # an undefined (zero) gradient: grads are not materialized
+            return (None,) * 6
+        return _grads(ctx, grad_output, train=False) + (None, None, None)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, running_mean_t, running_var_t, _eps_t):
+        input, weight, mean, invstd = ctx.saved_tensors
+        if input_t is not None or weight_t is not None or bias_t is not None:
+            _func.check_no_running_stat_tangents(running_mean_t, running_var_t)
+        return _output_tangent(input, weight, mean, invstd, ctx.eps, input_t, weight_t, bias_t, False)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
+        return _func.vmap_eval_forward(_EvalForwardFunc.apply, info, in_dims, input, weight, bias, running_mean,
+                                       running_var, eps)
+
+
 # ---------------------------------------------------------------------------
 # The backend interface (docs/architecture.md)
 # ---------------------------------------------------------------------------
@@ -185,12 +313,16 @@ torch.library.register_autograd(_LIB + "batch_norm_backward", _double_backward,
 def train_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(output, save_mean, save_invstd) with batch statistics; differentiable."""
+    if _func.transforms_active():
+        return _TrainForwardFunc.apply(input, weight, bias, eps)
     return _ops.batch_norm_train_forward(input, weight, bias, eps)
 
 
 def eval_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                  running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
     """output with the given (running) statistics; differentiable in input, weight, bias."""
+    if _func.transforms_active():
+        return _EvalForwardFunc.apply(input, weight, bias, running_mean, running_var, eps)
     return _ops.batch_norm_eval_forward(input, weight, bias, running_mean, running_var, eps)
 
 
@@ -226,6 +358,8 @@ def backward_elementwise(grad_output: Tensor, input: Tensor, mean: Tensor, invst
 def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, running_var: Tensor,
                   momentum, eps: float, count: int) -> Tuple[Tensor, Tensor]:
     """The running statistics after a training batch (new tensors; the caller copies them into the buffers)."""
+    if _func.transforms_active():  # the same formula in torch ops, which every transform takes
+        return _python.running_stats(save_mean, save_invstd, running_mean, running_var, momentum, eps, count)
     if not isinstance(momentum, Tensor):
         momentum = torch.scalar_tensor(momentum, dtype=torch.float64)  # half the cost of torch.tensor
     return _ops.batch_norm_running_stats(save_mean, save_invstd, running_mean, running_var, momentum, eps, count)

@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const char* op = "batch_norm_backward";
   check_input(input, op);
   check_same_shape(grad_output, input, op, "grad_output");
-  const Dense d = dense_input(input);
+  const Dense d = dense_input_for_grad(input, grad_output);
   const at::Tensor dy = dense_like(grad_output, d);
   const View& v = d.v;
   const int64_t C = v.C;
@@ -325,7 +325,7 @@ at::Tensor backward_elementwise(const at::Tensor& grad_output, const at::Tensor&
   const char* op = "batch_norm_backward_elementwise";
   check_input(input, op);
   check_same_shape(grad_output, input, op, "grad_output");
-  const Dense d = dense_input(input);
+  const Dense d = dense_input_for_grad(input, grad_output);
   const at::Tensor dy = dense_like(grad_output, d);
   const int64_t C = d.v.C;
   const std::vector<double> m = channel_values(mean, C, op, "mean");

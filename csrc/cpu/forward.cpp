@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward(const at::Tensor& i
                                                              const OptTensor& bias, double eps) {
   const char* op = "batch_norm_train_forward";
   check_input(input, op);
-  const Dense d = dense_input(input);
+  const Dense d = dense_input(input, all_contiguous({&weight, &bias}));
   const int64_t C = d.v.C;
   const auto sdt = stats_dtype(input.scalar_type());
   const std::vector<double> w = channel_values(weight, C, 1.0, op, "weight");
@@ -146,7 +146,8 @@ at::Tensor eval_forward(const at::Tensor& input, const OptTensor& weight, const 
                         const at::Tensor& running_mean, const at::Tensor& running_var, double eps) {
   const char* op = "batch_norm_eval_forward";
   check_input(input, op);
-  const Dense d = dense_input(input);
+  const Dense d = dense_input(input, all_contiguous({&weight, &bias}) && running_mean.is_contiguous() &&
+                                         running_var.is_contiguous());
   const int64_t C = d.v.C;
   const auto sdt = stats_dtype(input.scalar_type());
   std::vector<double> mean = channel_values(running_mean, C, op, "running_mean");
@@ -162,7 +163,7 @@ at::Tensor elementwise(const at::Tensor& input, const OptTensor& weight, const O
                        const at::Tensor& mean, const at::Tensor& invstd) {
   const char* op = "batch_norm_elementwise";
   check_input(input, op);
-  const Dense d = dense_input(input);
+  const Dense d = dense_input(input, all_contiguous({&weight, &bias}));
   const int64_t C = d.v.C;
   return normalize_with(op, d, channel_values(mean, C, op, "mean"), channel_values(invstd, C, op, "invstd"),
                         weight, bias);

@@ -6,12 +6,50 @@
 namespace torch_bn_manual {
 namespace cpu {
 
-Dense dense_input(const at::Tensor& input) {
+namespace {
+
+bool dense_in_a_format(const at::Tensor& t) {
+  return t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+         t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// The first format t is dense in (t must be dense in one).
+at::MemoryFormat first_dense_format(const at::Tensor& t) {
+  if (t.is_contiguous()) {
+    return at::MemoryFormat::Contiguous;
+  }
+  return t.is_contiguous(at::MemoryFormat::ChannelsLast3d) ? at::MemoryFormat::ChannelsLast3d
+                                                           : at::MemoryFormat::ChannelsLast;
+}
+
+Dense dense_in(const at::Tensor& input, at::MemoryFormat format) {
   Dense d;
-  d.format = output_format(input);
-  d.t = input.contiguous(d.format);
-  d.v = make_view(d.t, d.format);
+  d.format = format;
+  d.t = input.contiguous(format);
+  d.v = make_view(d.t, format);
   return d;
+}
+
+}  // namespace
+
+bool all_contiguous(std::initializer_list<const std::optional<at::Tensor>*> tensors) {
+  for (const std::optional<at::Tensor>* t : tensors) {
+    if (t->has_value() && (*t)->defined() && !(*t)->is_contiguous()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+Dense dense_input(const at::Tensor& input, bool parameters_contiguous) {
+  const bool fast = parameters_contiguous && dense_in_a_format(input);
+  return dense_in(input, fast ? first_dense_format(input) : input.suggest_memory_format());
+}
+
+Dense dense_input_for_grad(const at::Tensor& input, const at::Tensor& grad_output) {
+  const bool fast = dense_in_a_format(input) && dense_in_a_format(grad_output) &&
+                    input.suggest_memory_format() == grad_output.suggest_memory_format();
+  return dense_in(input, fast ? first_dense_format(input) : input.suggest_memory_format());
 }
 
 at::Tensor dense_like(const at::Tensor& other, const Dense& d) {

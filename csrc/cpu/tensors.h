@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -24,7 +25,22 @@ struct Dense {
   at::MemoryFormat format;
   View v;
 };
-Dense dense_input(const at::Tensor& input);
+// Output layouts follow ATen's CPU batch norm (native/Normalization.cpp):
+// when the input is dense in one of the three memory formats and every
+// per-channel tensor is contiguous, the output takes the first of
+// contiguous / channels_last_3d / channels_last the input satisfies; otherwise
+// the input's suggest_memory_format(). The two differ for ambiguous strides,
+// e.g. a (1, 2, 3, 1) input with strides (6, 1, 2, 1) is channels_last
+// contiguous while suggest_memory_format() says contiguous. The input is
+// walked in the output's format (a copy only when it is not dense in it).
+// `parameters_contiguous`: weight, bias (and running stats) all contiguous.
+Dense dense_input(const at::Tensor& input, bool parameters_contiguous = true);
+// For a gradient of input's shape, as ATen's CPU batch norm backward picks
+// it: the rule above when input and grad_output are both dense in a format
+// and suggest the same one, else the input's suggest_memory_format().
+Dense dense_input_for_grad(const at::Tensor& input, const at::Tensor& grad_output);
+// True when every tensor given is missing or contiguous.
+bool all_contiguous(std::initializer_list<const std::optional<at::Tensor>*> tensors);
 // `other` (e.g. grad_output) in the same memory order as d.t.
 at::Tensor dense_like(const at::Tensor& other, const Dense& d);
 // A new tensor of d's shape and memory format.

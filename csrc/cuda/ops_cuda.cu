@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> train_forward(const at::Tensor& i
   check_same_device(weight, input, op, "weight");
   check_same_device(bias, input, op, "bias");
   const c10::cuda::CUDAGuard guard(input.device());
-  Dense d = dense_input(input);
+  Dense d = dense_input(input, nn_output_layout(input, weight, bias, /*train=*/true, eps));
   const int64_t C = d.g.C;
   at::Tensor hw, hb;
   StatsOutputs out;
@@ -90,7 +90,9 @@ at::Tensor normalize_with(const char* op, const at::Tensor& input, const OptTens
   check_same_device(weight, input, op, "weight");
   check_same_device(bias, input, op, "bias");
   const c10::cuda::CUDAGuard guard(input.device());
-  Dense d = dense_input(input);
+  // The layout nn gives: eval as batch norm's forward, elementwise (SyncBatchNorm) as batch_norm_elemt (empty_like).
+  Dense d = dense_input(input, from_var ? nn_output_layout(input, weight, bias, /*train=*/false, eps)
+                                        : OutputLayout::InputStrides);
   const int64_t C = d.g.C;
   at::Tensor hw, hb, hm, hs;
   const ChannelArg w = optional_channel_arg(weight, C, input, op, "weight", hw);

@@ -4,9 +4,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <optional>
 
 #include "launchers.h"
@@ -42,39 +45,101 @@ inline void check_input(const at::Tensor& input, const char* op) {
   TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got ", input.device());
 }
 
-// The input laid out densely in its suggested memory format, and its geometry.
+// How torch.nn's CUDA batch norm lays out its output. cuDNN, where nn picks
+// it, allocates in the input's suggested memory format; ATen's own kernels use
+// empty_like, which keeps the input's strides when the input is dense (a 2-D
+// or 3-D input with the channels innermost stays so) and falls back to the
+// suggested format otherwise.
+enum class OutputLayout { SuggestedFormat, InputStrides };
+
+// The layout of nn's output for a forward op: cuDNN's where
+// native/Normalization.cpp's backend choice picks cuDNN (float64/float32/
+// float16-with-float32-parameters input of 3 to 5 dims, weight and bias
+// given, a batch cuDNN takes, cuDNN enabled), else ATen's empty_like. Running
+// statistics are always given here (eval) or allowed to be absent (training),
+// as that choice requires.
+inline OutputLayout nn_output_layout(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                     bool train, double eps) {
+  if (!is_present(weight) || !is_present(bias) || input.dim() < 3) return OutputLayout::InputStrides;
+  const auto dt = input.scalar_type();
+  const auto wdt = weight->scalar_type();
+  if (dt == at::kBFloat16 || wdt == at::kBFloat16 || (dt == at::kHalf && wdt != at::kFloat)) {
+    return OutputLayout::InputStrides;
+  }
+  if (input.size(0) > (train ? 880801 : 65535)) return OutputLayout::InputStrides;
+  if (input.numel() >= std::numeric_limits<int32_t>::max()) return OutputLayout::InputStrides;
+  const auto& hooks = at::detail::getCUDAHooks();
+  const bool cudnn = hooks.compiledWithCuDNN() && at::globalContext().userEnabledCuDNN() &&
+                     hooks.versionCuDNN() >= 5110L && eps >= hooks.batchnormMinEpsilonCuDNN();
+  return cudnn ? OutputLayout::SuggestedFormat : OutputLayout::InputStrides;
+}
+
+// The input laid out densely, and its geometry. The kernels walk (N, C, L)
+// blocks, channels in the middle (NCL) or innermost (NLC, `channels_last`).
+// With OutputLayout::InputStrides a dense input is used as it is and the
+// outputs get its strides: any dense order is such a walk, with L the stride
+// of the channel dim (the values of all dims laid out inside one channel
+// step) and N the rest.
 struct Dense {
   at::Tensor t;
   at::MemoryFormat format;
+  bool keep_strides = false;  // outputs take t's strides (else: `format`)
   Geometry g;
   DType dtype;
 };
 
-inline Dense dense_input(const at::Tensor& input) {
+inline Dense dense_input(const at::Tensor& input, OutputLayout layout = OutputLayout::SuggestedFormat) {
   Dense d;
-  d.format = input.suggest_memory_format();
-  d.t = input.contiguous(d.format);
   d.dtype = to_dtype(input.scalar_type());
   d.g.N = input.size(0);
   d.g.C = input.size(1);
   d.g.L = 1;
   for (int64_t i = 2; i < input.dim(); ++i) d.g.L *= input.size(i);
+  d.g.device = input.get_device();
+  d.g.vec = 1;
+  d.keep_strides = layout == OutputLayout::InputStrides && input.is_non_overlapping_and_dense();
+  if (d.keep_strides) {
+    d.t = input;
+    if (input.is_contiguous()) {
+      d.format = at::MemoryFormat::Contiguous;
+    } else if (input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+      d.format = at::MemoryFormat::ChannelsLast;
+    } else if (input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+      d.format = at::MemoryFormat::ChannelsLast3d;
+    } else {  // another dense order (e.g. (N, C, L) with C innermost): by the channel stride
+      d.format = at::MemoryFormat::Preserve;
+      const int64_t numel = input.numel();
+      if (d.g.C > 1 && numel > 0) {
+        d.g.L = input.stride(1);
+        d.g.N = numel / (d.g.C * d.g.L);
+      }
+    }
+  } else {
+    d.format = input.suggest_memory_format();
+    d.t = input.contiguous(d.format);
+  }
   d.g.channels_last = d.format != at::MemoryFormat::Contiguous;
   if (d.g.L == 1) {
     d.g.channels_last = true;  // (N, C): the rows are the samples
   } else if (d.g.C == 1) {
     d.g.channels_last = false;  // one channel: both orders coincide
+  } else if (d.format == at::MemoryFormat::Preserve) {
+    d.g.channels_last = false;  // L > 1 values inside each channel step
   }
-  d.g.device = input.get_device();
-  d.g.vec = 1;
   return d;
 }
 
 // `other` (grad_output) in the memory order of d.t.
-inline at::Tensor dense_like(const at::Tensor& other, const Dense& d) { return other.contiguous(d.format); }
+inline at::Tensor dense_like(const at::Tensor& other, const Dense& d) {
+  if (d.format != at::MemoryFormat::Preserve) return other.contiguous(d.format);
+  if (other.strides() == d.t.strides()) return other;
+  return at::empty_strided(d.t.sizes(), d.t.strides(), other.options()).copy_(other);
+}
 
-// A new tensor of d's shape and memory format.
+// A new tensor of d's shape and memory order: the input's strides where
+// they are kept, else d's memory format.
 inline at::Tensor empty_like_dense(const Dense& d) {
+  if (d.keep_strides) return at::empty_strided(d.t.sizes(), d.t.strides(), d.t.options());
   return at::empty(d.t.sizes(), d.t.options().memory_format(d.format));
 }
 
