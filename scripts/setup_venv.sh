@@ -1,40 +1,94 @@
 #!/usr/bin/env bash
-# Creates the project's virtual environment and builds the extension.
+# Creates the project's virtual environment and builds the extension,
+# printing each stage with its time and the compiler's progress.
 #
 #   scripts/setup_venv.sh VENV [TORCH_SPEC]
 #
-# Where the system python already has torch (a GPU machine with its own CUDA
-# build and no package registry), the venv sees the system packages and uses
-# that torch; otherwise it installs TORCH_SPEC (default torch==2.13.0, the
-# CPU build that this project's machines keep on local disk).
+# Where the running python3 (or $PYTHON) already has torch, the venv uses that
+# torch: a GPU machine with its own CUDA build and no package registry. That
+# python may itself be a venv, whose packages a venv made from it does not see
+# (--system-site-packages reaches the *base* interpreter's): the new venv then
+# gets a .pth file listing the parent's site-packages. Otherwise it installs
+# TORCH_SPEC (default torch==2.13.0, the CPU build that this project's
+# machines keep on local disk).
+#
+# SETUP_VENV_ONLY=1 stops after creating the venv (tests/test_setup_venv.py).
+# MAX_JOBS (default: all cores) sets the compiler jobs.
 set -euo pipefail
 VENV=${1:-.venv}
 TORCH_SPEC=${2:-torch==2.13.0}
 PYTHON=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+SETUP_START=$SECONDS
+STAGE_START=$SECONDS
+stage() {  # stage NAME: starts a stage
+    STAGE_START=$SECONDS
+    echo "== $* ..."
+}
+stage_done() {  # stage_done NAME: its time and the time so far
+    echo "== $1: $((SECONDS - STAGE_START)) s (setup so far $((SECONDS - SETUP_START)) s)"
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
+    stage "venv $VENV"
     if [ "$TORCH_SPEC" = "torch==2.13.0" ] && "$PYTHON" -c "import torch" 2>/dev/null; then
-        echo "== using the system torch: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+        echo "   using the torch of $PYTHON: $("$PYTHON" -c 'import torch; print(torch.__version__)')"
         "$PYTHON" -m venv --system-site-packages "$VENV"
+        # Where $PYTHON is itself a venv, the line above reaches the base
+        # interpreter's packages only: add the parent venv's own.
+        "$VENV/bin/python" "$HERE/venv_parent_site.py" "$PYTHON"
     else
         "$PYTHON" -m venv "$VENV"
     fi
+    stage_done venv
 fi
+[ "${SETUP_VENV_ONLY:-0}" = 1 ] && exit 0
+
 PIP="$VENV/bin/python -m pip"
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    echo "== installing $TORCH_SPEC"
+    stage "installing $TORCH_SPEC"
     $PIP install -q "$TORCH_SPEC"
+    stage_done "installing torch"
 fi
-# Only what is missing: on a machine without a registry everything is already there.
-missing=()
-for pkg in numpy pytest xdist setuptools ninja; do
-    "$VENV/bin/python" -c "import $pkg" 2>/dev/null || missing+=("$([ "$pkg" = xdist ] && echo pytest-xdist || echo "$pkg")")
+
+# Only what is missing: on a machine without a registry everything needed is
+# already there. Test-only extras (plots, ONNX) are skipped when they can't be
+# installed: their tests skip too.
+module_missing() { ! "$VENV/bin/python" -c "import $1" 2>/dev/null; }
+needed=()
+for spec in numpy:numpy pytest:pytest xdist:pytest-xdist setuptools:setuptools ninja:ninja; do
+    module_missing "${spec%%:*}" && needed+=("${spec#*:}")
 done
-"$VENV/bin/python" -c "import sklearn" 2>/dev/null || missing+=("scikit-learn")
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "== installing ${missing[*]}"
-    $PIP install -q "${missing[@]}"
+optional=()
+for spec in sklearn:scikit-learn matplotlib:matplotlib onnx:onnx onnxruntime:onnxruntime onnxscript:onnxscript; do
+    module_missing "${spec%%:*}" && optional+=("${spec#*:}")
+done
+if [ ${#needed[@]} -gt 0 ]; then
+    stage "installing ${needed[*]}"
+    $PIP install -q "${needed[@]}"
+    stage_done "installing"
 fi
-echo "== building torch_bn_manual (pip install --no-build-isolation -e .)"
-$PIP install -q --no-build-isolation --no-deps -e .
-"$VENV/bin/python" -c "import torch_bn_manual as b; print('== backends:', b.available_backends())"
+if [ ${#optional[@]} -gt 0 ]; then
+    stage "installing ${optional[*]} (optional: plots, ONNX tests)"
+    $PIP install -q --retries 1 --timeout 20 "${optional[@]}" \
+        || echo "   could not install them: the demo's picture and the ONNX tests will be skipped"
+    stage_done "installing optional packages"
+fi
+
+# pip -q would hide the build; pip -v shows all of it. We keep ninja's [k/n]
+# lines (shortened to the source file) and the link step, and the full log
+# in $VENV/build.log for when something goes wrong.
+stage "building torch_bn_manual (pip install --no-build-isolation -e ., $MAX_JOBS jobs)"
+LOG="$VENV/build.log"
+if ! $PIP install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$LOG" | sed -u -n \
+        -e 's|^ *\(\[[0-9]*/[0-9]*\]\) .* -c [^ ]*/\(csrc/[^ ]*\) .*|   \1 \2|p' \
+        -e 's|^.* -shared .*|   linking torch_bn_manual/_C|p'; then
+    echo "== build failed; the end of $LOG:"
+    tail -n 40 "$LOG"
+    exit 1
+fi
+stage_done build
+"$VENV/bin/python" -c "import torch_bn_manual as b, torch_bn_manual._C as c; print('== backends:', b.available_backends(), '| CPU kernels:', c.cpu_capability())"
+echo "== setup: $((SECONDS - SETUP_START)) s"
