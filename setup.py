@@ -147,8 +147,19 @@ def extension():
     )
 
 
-# Name, version, description and dependencies: pyproject.toml.
+def install_requires() -> list:
+    """torch of the release compiled against (any patch level: same C++ ABI), and numpy.
+
+    A wheel built under pip's build isolation is compiled against the torch pip
+    put there; the pin makes pip install that same release to run it.
+    """
+    major, minor = torch.__version__.split(".")[:2]
+    return [f"torch=={major}.{minor}.*", "numpy"]
+
+
+# Name, version and description: pyproject.toml.
 setup(
+    install_requires=install_requires(),
     packages=find_packages(include=["torch_bn_manual", "torch_bn_manual.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
