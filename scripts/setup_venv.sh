@@ -47,9 +47,12 @@ fi
 [ "${SETUP_VENV_ONLY:-0}" = 1 ] && exit 0
 
 PIP="$VENV/bin/python -m pip"
+# pip -q still warns about every index location it skips (machines with a
+# local mirror list many): keep its real messages only.
+quiet_pip() { $PIP install -q "$@" 2>&1 | sed -u "/^WARNING: Location '.*' is ignored/d"; }
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     stage "installing $TORCH_SPEC"
-    $PIP install -q "$TORCH_SPEC"
+    quiet_pip "$TORCH_SPEC"
     stage_done "installing torch"
 fi
 
@@ -67,12 +70,12 @@ for spec in sklearn:scikit-learn matplotlib:matplotlib onnx:onnx onnxruntime:onn
 done
 if [ ${#needed[@]} -gt 0 ]; then
     stage "installing ${needed[*]}"
-    $PIP install -q "${needed[@]}"
+    quiet_pip "${needed[@]}"
     stage_done "installing"
 fi
 if [ ${#optional[@]} -gt 0 ]; then
     stage "installing ${optional[*]} (optional: plots, ONNX tests)"
-    $PIP install -q --retries 1 --timeout 20 "${optional[@]}" \
+    quiet_pip --retries 1 --timeout 20 "${optional[@]}" \
         || echo "   could not install them: the demo's picture and the ONNX tests will be skipped"
     stage_done "installing optional packages"
 fi
