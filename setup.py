@@ -16,6 +16,9 @@ TORCH_BN_MANUAL_NO_AVX2=1 builds for any x86-64 CPU (no AVX2 baseline);
 TORCH_BN_MANUAL_NATIVE=1 adds AVX-512 (F, VL, DQ, BF16) to the baseline where
 the build machine has it: that build runs only on such CPUs.
 TORCH_BN_MANUAL_DEBUG=1 keeps debug info (release builds carry none).
+TORCH_BN_MANUAL_NO_EXTENSION=1 installs the Python package only: scripts/setup_venv.sh
+builds the extension in place (setup.py build_ext --inplace, which keeps its
+objects between builds) and then makes the editable install with it.
 """
 import glob
 import os
@@ -161,6 +164,6 @@ def install_requires() -> list:
 setup(
     install_requires=install_requires(),
     packages=find_packages(include=["torch_bn_manual", "torch_bn_manual.*"]),
-    ext_modules=[extension()],
+    ext_modules=[] if os.environ.get("TORCH_BN_MANUAL_NO_EXTENSION") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

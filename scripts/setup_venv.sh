@@ -80,12 +80,14 @@ if [ ${#optional[@]} -gt 0 ]; then
     stage_done "installing optional packages"
 fi
 
-# pip -q would hide the build; pip -v shows all of it. We keep ninja's [k/n]
-# lines (shortened to the source file) and the link step, and the full log
-# in $VENV/build.log for when something goes wrong.
-stage "building torch_bn_manual (pip install --no-build-isolation -e ., $MAX_JOBS jobs)"
+# The extension is built in place (setup.py build_ext --inplace), where ninja
+# keeps its objects between builds: a change recompiles only what it touches.
+# (pip install -e compiles everything in a temporary folder every time, and
+# pip -q hides it.) We show ninja's [k/n] lines, shortened to the source file,
+# and the link step; the full log stays in $VENV/build.log.
+stage "building torch_bn_manual (setup.py build_ext --inplace, $MAX_JOBS jobs)"
 LOG="$VENV/build.log"
-if ! $PIP install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$LOG" | sed -u -n \
+if ! "$VENV/bin/python" setup.py build_ext --inplace 2>&1 | tee "$LOG" | sed -u -n \
         -e 's|^ *\(\[[0-9]*/[0-9]*\]\) .* -c [^ ]*/\(csrc/[^ ]*\) .*|   \1 \2|p' \
         -e 's|^.* -shared .*|   linking torch_bn_manual/_C|p'; then
     echo "== build failed; the end of $LOG:"
@@ -93,5 +95,14 @@ if ! $PIP install -v --no-build-isolation --no-deps -e . 2>&1 | tee "$LOG" | sed
     exit 1
 fi
 stage_done build
+# The editable install (the package only: the library is already in place),
+# once per venv, or again where the venv's import points elsewhere.
+VENV_PYTHON="$(cd "$VENV" && pwd)/bin/python"
+if ! (cd / && "$VENV_PYTHON" -c "import sys, torch_bn_manual as b; sys.exit(not b.__file__.startswith(sys.argv[1]))" \
+        "$PWD/torch_bn_manual/") 2>/dev/null; then
+    stage "editable install (pip install --no-build-isolation --no-deps -e .)"
+    TORCH_BN_MANUAL_NO_EXTENSION=1 quiet_pip --no-build-isolation --no-deps -e .
+    stage_done "editable install"
+fi
 "$VENV/bin/python" -c "import torch_bn_manual as b, torch_bn_manual._C as c; print('== backends:', b.available_backends(), '| CPU kernels:', c.cpu_capability())"
 echo "== setup: $((SECONDS - SETUP_START)) s"
