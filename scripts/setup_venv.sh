@@ -98,8 +98,9 @@ stage_done build
 # The editable install (the package only: the library is already in place),
 # once per venv, or again where the venv's import points elsewhere.
 VENV_PYTHON="$(cd "$VENV" && pwd)/bin/python"
+PACKAGE_DIR="$PWD/torch_bn_manual/"
 if ! (cd / && "$VENV_PYTHON" -c "import sys, torch_bn_manual as b; sys.exit(not b.__file__.startswith(sys.argv[1]))" \
-        "$PWD/torch_bn_manual/") 2>/dev/null; then
+        "$PACKAGE_DIR") 2>/dev/null; then
     stage "editable install (pip install --no-build-isolation --no-deps -e .)"
     TORCH_BN_MANUAL_NO_EXTENSION=1 quiet_pip --no-build-isolation --no-deps -e .
     stage_done "editable install"
