@@ -59,15 +59,17 @@ fi
 # Only what is missing: on a machine without a registry everything needed is
 # already there. Test-only extras (plots, ONNX) are skipped when they can't be
 # installed: their tests skip too.
-module_missing() { ! "$VENV/bin/python" -c "import $1" 2>/dev/null; }
-needed=()
-for spec in numpy:numpy pytest:pytest xdist:pytest-xdist setuptools:setuptools ninja:ninja; do
-    module_missing "${spec%%:*}" && needed+=("${spec#*:}")
-done
-optional=()
-for spec in sklearn:scikit-learn matplotlib:matplotlib onnx:onnx onnxruntime:onnxruntime onnxscript:onnxscript; do
-    module_missing "${spec%%:*}" && optional+=("${spec#*:}")
-done
+# One interpreter start for all of them (find_spec: no imports): prints the
+# pip names of the MODULE:PIP_NAME pairs whose module is missing.
+missing() {
+    "$VENV/bin/python" - "$@" <<'PY'
+import importlib.util, sys
+print(" ".join(pair.split(":")[1] for pair in sys.argv[1:] if importlib.util.find_spec(pair.split(":")[0]) is None))
+PY
+}
+read -r -a needed <<< "$(missing numpy:numpy pytest:pytest xdist:pytest-xdist setuptools:setuptools ninja:ninja)"
+read -r -a optional <<< "$(missing sklearn:scikit-learn matplotlib:matplotlib onnx:onnx onnxruntime:onnxruntime \
+    onnxscript:onnxscript)"
 if [ ${#needed[@]} -gt 0 ]; then
     stage "installing ${needed[*]}"
     quiet_pip "${needed[@]}"
