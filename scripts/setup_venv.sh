@@ -88,6 +88,7 @@ fi
 # pip -q hides it.) We show ninja's [k/n] lines, shortened to the source file,
 # and the link step; the full log stays in $VENV/build.log.
 stage "building torch_bn_manual (setup.py build_ext --inplace, $MAX_JOBS jobs)"
+echo "   ninja lists each file as it finishes (the first one takes the longest)"
 LOG="$VENV/build.log"
 if ! "$VENV/bin/python" setup.py build_ext --inplace 2>&1 | tee "$LOG" | sed -u -n \
         -e 's|^ *\(\[[0-9]*/[0-9]*\]\) .* -c [^ ]*/\(csrc/[^ ]*\) .*|   \1 \2|p' \
