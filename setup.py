@@ -31,7 +31,8 @@ try:
 except ImportError as error:
     sys.exit(
         f"torch_bn_manual: building the extension needs torch, and `import torch` failed here ({error}).\n"
-        "Install torch first, then build against it with pip's --no-build-isolation flag:\n"
+        "Install torch first, then build against it with pip's --no-build-isolation flag (pip's\n"
+        "default build isolation hides the torch you have installed):\n"
         "    pip install torch numpy\n"
         "    pip install --no-build-isolation .")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

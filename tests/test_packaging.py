@@ -91,6 +91,18 @@ def test_wheel_has_no_debug_sections(wheel, tmp_path):
     assert ".dynsym" in sections
 
 
+def test_build_without_torch_stops_at_once_naming_the_flag():
+    """What plain `pip install .` meets: build isolation hides torch (pyproject.toml does not list it)."""
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--version']; "
+            "runpy.run_path('setup.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "pip install --no-build-isolation ." in result.stderr
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        build_system = f.read().split("[build-system]")[1].split("[project]")[0]
+    assert '"torch"' not in build_system
+
+
 CHECK_INSTALLED = r"""
 import sys, torch, torch_bn_manual as bnm, torch_bn_manual._C as C
 assert bnm.__file__.startswith(sys.argv[1]), bnm.__file__
