@@ -3,8 +3,15 @@
 # scikit-learn, and an editable build of the extension.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SOURCES := setup.py scripts/setup_venv.sh $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+SOURCES := setup.py pyproject.toml scripts/setup_venv.sh scripts/venv_parent_site.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 BUILT := $(VENV)/.torch_bn_manual-built
+# The extension builds with one compiler job per core.
+export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+# $(call timed,NAME,COMMAND): runs COMMAND as one stage, printing its name
+# and then its wall time (COMMAND must not contain a comma).
+timed = @start=$$(date +%s); echo "== $(1) ..."; $(2); rc=$$?; \
+	echo "== $(1): $$(( $$(date +%s) - start )) s"; exit $$rc
 
 .PHONY: demo test bench bench-cuda cuda-check gpu-check clean
 
@@ -13,10 +20,10 @@ $(BUILT): $(SOURCES)
 	touch $@
 
 demo: $(BUILT)
-	$(PY) -m torch_bn_manual.demo
+	$(call timed,demo,$(PY) -m torch_bn_manual.demo)
 
 test: $(BUILT)
-	$(PY) -m pytest -q -n 2 tests
+	$(call timed,tests (pytest -n 2),$(PY) -m pytest -q -n 2 tests)
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench.py
@@ -37,4 +44,4 @@ gpu-check:
 	PYTHON="$(PYTHON)" bash scripts/gpu_check.sh "$(OUT)"
 
 clean:
-	rm -rf build *.egg-info torch_bn_manual/_C*.so
+	rm -rf build *.egg-info torch_bn_manual/_C*.so torch_bn_manual/_cpu_requirements.py

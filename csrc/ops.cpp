@@ -9,12 +9,32 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
+#include "cpu/cpu_features.h"
+
 // Importing torch_bn_manual._C loads this library, which runs the
-// registrations below. The module itself has nothing in it.
+// registrations below. The module holds one function: cpu_capability(), the
+// instruction sets the CPU kernels use on this machine.
+namespace {
+PyObject* cpu_capability(PyObject*, PyObject*) {
+  return PyUnicode_FromString(torch_bn_manual::cpu::capability_name());
+}
+PyMethodDef module_methods[] = {
+    {"cpu_capability", cpu_capability, METH_NOARGS,
+     "The instruction sets the CPU kernels use here, e.g. 'avx2+avx512_bf16' (TORCH_BN_MANUAL_CPU=portable: "
+     "the build's baseline only)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
+  // A misspelt TORCH_BN_MANUAL_CPU would otherwise be ignored without a word.
+  const char* setting_error = torch_bn_manual::cpu::cpu_setting_error();
+  if (setting_error[0] != '\0') {
+    PyErr_SetString(PyExc_ValueError, setting_error);
+    return nullptr;
+  }
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "torch_bn_manual operator library", -1,
-                                      nullptr};
+                                      module_methods};
   return PyModule_Create(&module);
 }
 }

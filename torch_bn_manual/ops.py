@@ -27,6 +27,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._cpu_check import check_cpu
+
+check_cpu()  # before the library loads: a build for newer CPUs would die of SIGILL
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
 except ImportError as error:

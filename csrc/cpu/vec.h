@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cpu/cpu_features.h"
+
 namespace torch_bn_manual {
 namespace cpu {
 
@@ -41,24 +43,57 @@ template <typename T>
 using opmath_t = typename OpMath<T>::type;
 
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
-// float -> bfloat16, rounded to nearest even. Where the build machine has
-// AVX512-BF16, vcvtneps2bf16 does it in one instruction instead of at::vec's
-// nine integer steps. That instruction differs from c10's rounding in two
-// cases only: it flushes denormals to zero and keeps a NaN's payload; a
-// vector holding either (vfpclassps: NaN or denormal) takes at::vec's path,
-// so every value gets the bits torch gives it.
-#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+// float -> bfloat16, rounded to nearest even. Where the CPU has AVX512-BF16
+// (asked once at load time: use_avx512_bf16, csrc/cpu/cpu_features.h),
+// vcvtneps2bf16 does it in one instruction instead of at::vec's nine integer
+// steps. That instruction differs from c10's rounding in two cases only: it
+// flushes denormals to zero and keeps a NaN's payload; a vector holding
+// either (vfpclassps: NaN or denormal) takes at::vec's path, so every value
+// gets the bits torch gives it, on either path.
 #define TORCH_BN_MANUAL_CVTNE_BF16 1
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+// A native build (TORCH_BN_MANUAL_NATIVE=1 on such a machine): intrinsics.
 inline bool has_nan_or_denormal(const __m256& f) {
   constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // quiet NaN, denormal, signalling NaN
   return _mm256_fpclass_ps_mask(f, kNanOrDenormal) != 0;
 }
+inline __m128i cvtne_bf16(const __m256& f) {
+  return reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(f));
+}
+inline __m256i cvtne_bf16(const __m256& a, const __m256& b) {
+  return reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(b, a));  // b to the high half
+}
+#elif defined(__GNUC__) && !defined(__AVX512F__)
+// A portable build: the compiler may not emit AVX-512, so the three
+// instructions are written out; they run only when use_avx512_bf16 is true.
+// Written as asm, they stay inline in the kernels' loops (a function with a
+// target attribute would be a call per eight values). vfpclassps writes mask
+// register k1 without declaring it: without AVX-512 enabled the compiler
+// never keeps anything in a mask register, and the ABI has no callee-saved
+// ones, so nothing live can be overwritten.
+inline bool has_nan_or_denormal(const __m256& f) {
+  unsigned mask;  // 0xa1: quiet NaN, denormal, signalling NaN
+  asm("vfpclassps $0xa1, %1, %%k1\n\tkmovb %%k1, %0" : "=r"(mask) : "x"(f));
+  return mask != 0;
+}
+inline __m128i cvtne_bf16(const __m256& f) {
+  __m128i out;
+  asm("vcvtneps2bf16 %1, %0" : "=x"(out) : "x"(f));
+  return out;
+}
+inline __m256i cvtne_bf16(const __m256& a, const __m256& b) {
+  __m256i out;  // AT&T order: a (to the low half), b (to the high half), destination
+  asm("vcvtne2ps2bf16 %1, %2, %0" : "=x"(out) : "x"(a), "x"(b));
+  return out;
+}
+#else
+#undef TORCH_BN_MANUAL_CVTNE_BF16
 #endif
 
 inline __m128i round_to_bf16(const __m256& f) {
 #ifdef TORCH_BN_MANUAL_CVTNE_BF16
-  if (!has_nan_or_denormal(f)) {
-    return reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(f));
+  if (use_avx512_bf16 && !has_nan_or_denormal(f)) {
+    return cvtne_bf16(f);
   }
 #endif
   return at::vec::cvtfp32_bf16(f);
@@ -67,8 +102,8 @@ inline __m128i round_to_bf16(const __m256& f) {
 // a to the low 8 values, b to the high 8.
 inline __m256i round_to_bf16(const __m256& a, const __m256& b) {
 #ifdef TORCH_BN_MANUAL_CVTNE_BF16
-  if (!has_nan_or_denormal(a) && !has_nan_or_denormal(b)) {
-    return reinterpret_cast<__m256i>(_mm256_cvtne2ps_pbh(b, a));  // b to the high half
+  if (use_avx512_bf16 && !has_nan_or_denormal(a) && !has_nan_or_denormal(b)) {
+    return cvtne_bf16(a, b);
   }
 #endif
   return at::vec::cvtfp32_bf16(a, b);
