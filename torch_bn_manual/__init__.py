@@ -9,6 +9,7 @@
 See docs/derivation.md for the math and docs/architecture.md for the layers.
 """
 from . import reference
+from .activation import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, batch_norm_act
 from .backends import available_backends
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .functional import batch_norm
@@ -24,5 +25,9 @@ __all__ = [
     "convert_sync_batchnorm",
     "available_backends",
     "reference",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "batch_norm_act",
 ]
 __version__ = "0.1.0"
