@@ -11,7 +11,7 @@ import torch_bn_manual as bnm
 from helpers import in_layout, randn
 
 
-def _away_from_kink(function, inputs, margin=1e-3):
+def _away_from_kink(function, inputs, margin=1e-4):
     """The inputs, checked to keep every pre-activation value at least `margin` from 0."""
     with torch.no_grad():
         t = function(*inputs, activation="identity")
