@@ -38,9 +38,15 @@ def _check_residual(residual: Optional[Tensor], input: Tensor) -> None:
         raise RuntimeError(f"Tensor on device {residual.device} is not on the expected device {input.device}!")
 
 
-def _act_backend(plain):
-    """The fused functions of a plain backend (_python.py or ops.py)."""
-    return _python_act if plain is _python else getattr(plain, "act_functions", lambda: _python_act)()
+def _act_backend(plain, device: torch.device):
+    """The fused functions of a plain backend: ops.py's where it has fused kernels for the device.
+
+    The compiled fused ops have CPU kernels only; elsewhere (CUDA) the fused
+    layer runs the python backend's fused Function.
+    """
+    if plain is _python or device.type not in plain.ACT_DEVICES:
+        return _python_act
+    return plain
 
 
 def _batch_norm_act_checked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -54,7 +60,7 @@ def _batch_norm_act_checked(input: Tensor, running_mean: Optional[Tensor], runni
     if weight is None and bias is not None:
         weight = torch.ones_like(bias)  # the kernels take a bias only with a weight
     plain = get_backend(backend, input.device)
-    fused = _act_backend(plain)
+    fused = _act_backend(plain, input.device)
     if not training:
         return fused.act_eval_forward(input, weight, bias, residual, running_mean, running_var, slope, eps)
     output, mean, invstd = fused.act_train_forward(input, weight, bias, residual, slope, eps)
