@@ -13,6 +13,7 @@ from .activation import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, batch_no
 from .backends import available_backends
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .functional import batch_norm
+from .fx import fuse_activations
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "BatchNormAct2d",
     "BatchNormAct3d",
     "batch_norm_act",
+    "fuse_activations",
 ]
 __version__ = "0.1.0"
