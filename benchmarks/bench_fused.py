@@ -184,6 +184,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--compile", default="float32", help="dtypes that get the torch.compile column ('' for none)")
+    p.add_argument("--compile-modes", default="train,eval", help="modes that get the torch.compile column")
     p.add_argument("--model-seconds", type=float, default=12.0)
     p.add_argument("--no-model", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "fused-cpu.md"))
@@ -194,6 +195,7 @@ def main(argv=None):
     seconds = 0.1 if args.quick else args.seconds
     dtypes = [d for d in args.dtypes.split(",") if d]
     compiled_dtypes = [d for d in args.compile.split(",") if d]
+    compiled_modes = [m for m in args.compile_modes.split(",") if m]
     load = os.getloadavg()
     rows = []
     for shape in shapes:
@@ -201,7 +203,8 @@ def main(argv=None):
             for dtype in dtypes:
                 for block in BLOCKS:
                     for mode in MODES:
-                        fns = block_columns(shape, layout, DTYPES[dtype], block, mode, dtype in compiled_dtypes)
+                        fns = block_columns(shape, layout, DTYPES[dtype], block, mode,
+                                            dtype in compiled_dtypes and mode in compiled_modes)
                         results, errors = take_turns(fns, "cpu", seconds, args.threads, args.rounds)
                         row = {"shape": shape, "layout": layout, "dtype": dtype, "block": block, "mode": mode,
                                "t": {k: v[0] for k, v in results.items()}, "errors": errors}

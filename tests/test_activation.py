@@ -204,3 +204,15 @@ def test_saves_no_more_than_nn_pair(backend, activation, with_residual, generato
     full = x.numel() * x.element_size()
     assert theirs >= 2 * full  # nn keeps the input and the activation's output (or input)
     assert ours <= theirs, f"fused saves {ours} bytes, nn's pair {theirs}"
+
+
+def test_device_without_fused_kernels_runs_python_and_says_so(monkeypatch, generator):
+    """What a CUDA build does on a GPU (no fused CUDA kernels yet), simulated on the CPU."""
+    ops = pytest.importorskip("torch_bn_manual.ops")
+    from torch_bn_manual import activation
+    monkeypatch.setattr(ops, "ACT_DEVICES", frozenset())
+    monkeypatch.setattr(activation, "_warned_no_fused_kernels", set())
+    x = randn((4, 3, 5, 5), generator, torch.float64)
+    with pytest.warns(RuntimeWarning, match="no fused batch norm \\+ activation kernels for device 'cpu'"):
+        y = bnm.BatchNormAct2d(3, backend="cpp", dtype=torch.float64)(x)
+    torch.testing.assert_close(y, F.relu(nn.BatchNorm2d(3, dtype=torch.float64)(x)))

@@ -10,6 +10,7 @@ kernels differ. Fused, the add and the activation cost no pass over memory of
 their own, and the layer keeps no more for its backward than nn's BatchNorm +
 ReLU pair (the input and the output): docs/derivation.md, section 10.
 """
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -38,13 +39,23 @@ def _check_residual(residual: Optional[Tensor], input: Tensor) -> None:
         raise RuntimeError(f"Tensor on device {residual.device} is not on the expected device {input.device}!")
 
 
+_warned_no_fused_kernels = set()
+
+
 def _act_backend(plain, device: torch.device):
     """The fused functions of a plain backend: ops.py's where it has fused kernels for the device.
 
     The compiled fused ops have CPU kernels only; elsewhere (CUDA) the fused
-    layer runs the python backend's fused Function.
+    layer runs the python backend's fused Function, and says so once.
     """
-    if plain is _python or device.type not in plain.ACT_DEVICES:
+    if plain is _python:
+        return _python_act
+    if device.type not in plain.ACT_DEVICES:
+        if device.type not in _warned_no_fused_kernels:
+            _warned_no_fused_kernels.add(device.type)
+            warnings.warn(f"torch_bn_manual: the compiled backend has no fused batch norm + activation kernels for "
+                          f"device '{device.type}'; BatchNormAct*/batch_norm_act run the python backend there",
+                          RuntimeWarning, stacklevel=3)
         return _python_act
     return plain
 
