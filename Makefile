@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SOURCES := setup.py scripts/setup_venv.sh $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 BUILT := $(VENV)/.torch_bn_manual-built
 
-.PHONY: demo test bench bench-cuda cuda-check clean
+.PHONY: demo test bench bench-fused bench-cuda cuda-check clean
 
 $(BUILT): $(SOURCES)
 	bash scripts/setup_venv.sh $(VENV)
@@ -20,6 +20,9 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench.py
+
+bench-fused: $(BUILT)
+	$(PY) benchmarks/bench_fused.py
 
 bench-cuda: $(BUILT)
 	$(PY) benchmarks/bench.py --device cuda
