@@ -13,7 +13,7 @@ export MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 timed = @start=$$(date +%s); echo "== $(1) ..."; $(2); rc=$$?; \
 	echo "== $(1): $$(( $$(date +%s) - start )) s"; exit $$rc
 
-.PHONY: demo test bench bench-cuda cuda-check gpu-check clean
+.PHONY: demo test bench bench-fused bench-cuda cuda-check gpu-check clean
 
 $(BUILT): $(SOURCES)
 	bash scripts/setup_venv.sh $(VENV)
@@ -27,6 +27,9 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench.py
+
+bench-fused: $(BUILT)
+	$(PY) benchmarks/bench_fused.py
 
 bench-cuda: $(BUILT)
 	$(PY) benchmarks/bench.py --device cuda

@@ -68,6 +68,20 @@ TORCH_LIBRARY(torch_bn_manual, m) {
   m.def(
       "batch_norm_running_stats(Tensor save_mean, Tensor save_invstd, Tensor running_mean, Tensor running_var,"
       " Tensor momentum, float eps, SymInt count) -> (Tensor new_running_mean, Tensor new_running_var)");
+  // Fused: output = act(BN(input) + residual), act(t) = t for t > 0 and
+  // negative_slope·t otherwise (0: relu), identity when negative_slope is
+  // None. Differentiable (autograd kernels: csrc/autograd_act.cpp); the
+  // backward reads act' from the output.
+  m.def(
+      "batch_norm_act_train_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual,"
+      " float? negative_slope, float eps) -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_act_eval_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual,"
+      " Tensor running_mean, Tensor running_var, float? negative_slope, float eps) -> Tensor");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, Tensor save_mean,"
+      " Tensor save_invstd, bool train, float? negative_slope, float eps, bool[4] output_mask)"
+      " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
 }
 
 namespace {

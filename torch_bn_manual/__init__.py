@@ -10,10 +10,12 @@
 See docs/derivation.md for the math and docs/architecture.md for the layers.
 """
 from . import reference
+from .activation import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, batch_norm_act
 from .backends import available_backends
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .functional import batch_norm
 from .conversion import convert_batchnorm, revert_batchnorm
+from .fx import fuse_activations
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .quantization import register_fuser_methods as _register_fuser_methods
 
@@ -31,5 +33,10 @@ __all__ = [
     "convert_sync_batchnorm",
     "available_backends",
     "reference",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "batch_norm_act",
+    "fuse_activations",
 ]
 __version__ = "0.1.0"

@@ -366,3 +366,86 @@ def running_stats(save_mean: Tensor, save_invstd: Tensor, running_mean: Tensor, 
     if not isinstance(momentum, Tensor):
         momentum = torch.scalar_tensor(momentum, dtype=torch.float64)  # half the cost of torch.tensor
     return _ops.batch_norm_running_stats(save_mean, save_invstd, running_mean, running_var, momentum, eps, count)
+
+
+# ---------------------------------------------------------------------------
+# The fused layers: act(BN(x) + residual) (csrc/ops.cpp, csrc/autograd_act.cpp)
+# ---------------------------------------------------------------------------
+# Separate from the plain ops above; activation.py calls these through
+# act_train_forward/act_eval_forward where ACT_DEVICES has the device.
+
+from . import _python_act  # noqa: E402
+
+ACT_DEVICES = frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                        if torch._C._dispatch_has_kernel_for_dispatch_key(
+                            _LIB + "batch_norm_act_train_forward", key))
+
+
+@torch.library.register_fake(_LIB + "batch_norm_act_train_forward")
+def _act_train_forward_fake(input, weight, bias, residual, negative_slope, eps):
+    _check_input(input)
+    sdt = _stats_dtype(input.dtype)
+    return _like_input(input), _per_channel(input, sdt), _per_channel(input, sdt)
+
+
+@torch.library.register_fake(_LIB + "batch_norm_act_eval_forward")
+def _act_eval_forward_fake(input, weight, bias, residual, running_mean, running_var, negative_slope, eps):
+    _check_input(input)
+    return _like_input(input)
+
+
+@torch.library.register_fake(_LIB + "batch_norm_act_backward")
+def _act_backward_fake(grad_output, output, input, weight, save_mean, save_invstd, train, negative_slope, eps,
+                       output_mask):
+    grad_input, grad_weight, grad_bias = _backward_fake(grad_output, input, weight, save_mean, save_invstd, train,
+                                                        eps, output_mask[:3])
+    grad_residual = _like_input(input) if output_mask[3] else input.new_empty((0,))
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def _act_backward_setup_context(ctx, inputs, output):
+    grad_output, out, input, weight, save_mean, save_invstd, train, negative_slope, eps, output_mask = inputs
+    ctx.save_for_backward(grad_output, out, input, weight, save_mean, save_invstd)
+    ctx.train, ctx.slope, ctx.eps, ctx.output_mask = train, negative_slope, eps, output_mask
+
+
+def _act_double_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
+    """The derivative of batch_norm_act_backward in grad_output, input and weight.
+
+    Autograd through the python backend's formula: dt = do·act'(o) with the
+    mask constant (away from the kink), then _python.differentiable_backward
+    of dt; dresidual = dt. The output o carries no derivative here.
+    """
+    grad_output, out, input, weight, mean, invstd = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        dt = _python_act.activation_grad(grad_output.to(mean.dtype), out, ctx.slope)
+        outputs = _python.differentiable_backward(dt, input, weight, mean, invstd, ctx.train, ctx.eps) + (dt,)
+        pairs = [(o, gg) for o, gg, asked in zip(outputs, (gg_input, gg_weight, gg_bias, gg_residual),
+                                                 ctx.output_mask)
+                 if asked and o is not None and o.requires_grad and gg is not None and gg.numel() > 0]
+        wrt = [t for t, need in zip((grad_output, input, weight), needs) if need]
+        grads = [None] * len(wrt)
+        if pairs and wrt:
+            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [gg for _, gg in pairs],
+                                        allow_unused=True, create_graph=create_graph)
+    grads = iter(grads)
+    d_grad_output, d_input, d_weight = (next(grads) if need else None for need in needs)
+    return (d_grad_output, None, d_input, d_weight) + (None,) * 6
+
+
+torch.library.register_autograd(_LIB + "batch_norm_act_backward", _act_double_backward,
+                                setup_context=_act_backward_setup_context)
+
+
+def act_train_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                      slope: Optional[float], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(act(BN(input) + residual), save_mean, save_invstd) with batch statistics; differentiable."""
+    return _ops.batch_norm_act_train_forward(input, weight, bias, residual, slope, eps)
+
+
+def act_eval_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                     running_mean: Tensor, running_var: Tensor, slope: Optional[float], eps: float) -> Tensor:
+    """act(BN(input) + residual) with the given (running) statistics; differentiable."""
+    return _ops.batch_norm_act_eval_forward(input, weight, bias, residual, running_mean, running_var, slope, eps)

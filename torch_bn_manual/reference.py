@@ -68,6 +68,12 @@ __all__ = [
     "two_pass_variance",
     "seed_variance",
     "JACOBIAN_MAX_ELEMENTS",
+    "ACTIVATIONS",
+    "activation_slope",
+    "activation_forward",
+    "activation_backward",
+    "batch_norm_act_forward",
+    "batch_norm_act_backward",
 ]
 
 #: ``jacobian_backward`` refuses to build a tensor with more elements than this
@@ -457,3 +463,86 @@ def seed_variance(x, dtype=np.float32) -> np.ndarray:
     mean = _sequential_sum(x2d, dtype) / M
     mean_sq = _sequential_sum(x2d * x2d, dtype) / M
     return mean_sq - mean * mean
+
+
+# --------------------------------------------------------------------------
+# Batch norm + residual add + activation (docs/derivation.md, section 10)
+# --------------------------------------------------------------------------
+
+#: The activations the fused layers apply after the (residual) add.
+ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
+def activation_slope(activation: str, negative_slope: float = 0.01) -> Optional[float]:
+    """act(t) = t for t > 0, slope·t otherwise: the slope, or None for "identity".
+
+    relu is slope 0. The slope must be >= 0: only then does the output's sign
+    tell the input's, which is what lets the backward use the output alone.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, but got {activation!r}")
+    if activation == "identity":
+        return None
+    if activation == "relu":
+        return 0.0
+    if not negative_slope >= 0.0:
+        raise ValueError(f"negative_slope must be >= 0 (the backward reads the sign of the input from the "
+                         f"output), but got {negative_slope}")
+    return float(negative_slope)
+
+
+def activation_forward(t, slope: Optional[float]) -> np.ndarray:
+    """act(t): t where t > 0, slope·t elsewhere (t itself for identity)."""
+    t = _as_f64(t)
+    if slope is None:
+        return t
+    return np.where(t > 0, t, slope * t)
+
+
+def activation_backward(dy, y, slope: Optional[float]) -> np.ndarray:
+    """dt = dy · act'(t), with act'(t) read from the output y = act(t).
+
+    For slope >= 0, y > 0 exactly when t > 0 (relu: y = max(t, 0); leaky:
+    y = slope·t <= 0 for t <= 0), so y alone decides the derivative and t
+    need not be kept. At t = 0 the derivative is taken as slope, as torch does.
+    """
+    dy = _as_f64(dy)
+    if slope is None:
+        return dy
+    return np.where(_as_f64(y) > 0, dy, slope * dy)
+
+
+def batch_norm_act_forward(x, weight, bias, eps, residual=None, activation="relu", negative_slope=0.01,
+                           running_mean=None, running_var=None):
+    """y = act(BN(x) + residual): training mode, or eval when running stats are given.
+
+    Returns ``(y, cache)``; the cache holds the batch norm's cache, the
+    output y (what the backward reads the activation's derivative from) and
+    the slope.
+    """
+    slope = activation_slope(activation, negative_slope)
+    if running_mean is None:
+        t, bn_cache = batch_norm_forward(x, weight, bias, eps)
+    else:
+        t, bn_cache = batch_norm_eval_forward(x, weight, bias, running_mean, running_var, eps)
+    if residual is not None:
+        residual = _as_f64(residual)
+        if residual.shape != t.shape:
+            raise ValueError(f"residual has shape {residual.shape}, expected {t.shape}")
+        t = t + residual
+    y = activation_forward(t, slope)
+    return y, {"bn": bn_cache, "y": y, "slope": slope, "has_residual": residual is not None}
+
+
+def batch_norm_act_backward(dy, cache):
+    """(dx, dweight, dbias, dresidual) of batch_norm_act_forward.
+
+    dt = dy · act'(t) from the saved output; dresidual = dt (the add passes
+    it on unchanged, None without a residual); then the batch norm backward
+    of dt (training or eval, as the forward ran).
+    """
+    dt = activation_backward(dy, cache["y"], cache["slope"])
+    bn_cache = cache["bn"]
+    backward = batch_norm_backward if bn_cache.training else batch_norm_eval_backward
+    dx, dweight, dbias = backward(dt, bn_cache)
+    return dx, dweight, dbias, (dt if cache["has_residual"] else None)

@@ -23,6 +23,7 @@
 
 #include <vector>
 
+#include "cpu/activation.h"
 #include "cpu/coefficients.h"
 #include "cpu/kernels.h"
 #include "cpu/loops.h"
@@ -45,33 +46,35 @@ inline SumPair with_mean_lo(SumPair s, double mean, op_t mh) {
 }
 
 // Σ dy and Σ dy·(x - mh) over one NCL block.
-template <typename T>
-SumPair ncl_block_sums(const T* x, const T* dy, const View& v, int64_t c, const NclRange& r, opmath_t<T> mh) {
+template <typename T, typename P>
+SumPair ncl_block_sums(const T* x, const T* dy, const View& v, int64_t c, const NclRange& r, opmath_t<T> mh,
+                       const P& p) {
   Sum4 sdy, sdyt;
   for (int64_t n = r.n0; n < r.n1; ++n) {
     const int64_t off = (n * v.C + c) * v.L + r.l0;
-    add_dy_dyt(x + off, dy + off, r.l1 - r.l0, mh, sdy, sdyt);
+    add_dy_dyt(x + off, dy + off, r.l1 - r.l0, mh, sdy, sdyt, p.at(off));
   }
   return {sdy.total(), sdyt.total()};
 }
 
 // One NCL channel: block sums added in block order.
-template <typename T>
-SumPair ncl_channel_sums(const T* x, const T* dy, const View& v, int64_t c, double mean) {
+template <typename T, typename P>
+SumPair ncl_channel_sums(const T* x, const T* dy, const View& v, int64_t c, double mean, const P& p) {
   const auto mh = static_cast<opmath_t<T>>(mean);
   const NclBlocks b = ncl_blocks(v);
   SumPair s;
   for (int64_t i = 0; i < b.count(); ++i) {
-    const SumPair p = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i), mh);
-    s.dy += p.dy;
-    s.dyx += p.dyx;
+    const SumPair bs = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i), mh, p);
+    s.dy += bs.dy;
+    s.dyx += bs.dyx;
   }
   return with_mean_lo(s, mean, mh);
 }
 
 // Every channel, in parallel.
-template <typename T>
-void channel_sums(const T* x, const T* dy, const View& v, const std::vector<double>& mean, std::vector<SumPair>& out) {
+template <typename T, typename P>
+void channel_sums(const T* x, const T* dy, const View& v, const std::vector<double>& mean, std::vector<SumPair>& out,
+                  const P& p) {
   using op_t = opmath_t<T>;
   const int64_t C = v.C;
   std::vector<op_t> mh(C);
@@ -81,7 +84,7 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
   if (!v.nlc && ncl_by_channel(v)) {
     at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        out[c] = ncl_channel_sums(x, dy, v, c, mean[c]);
+        out[c] = ncl_channel_sums(x, dy, v, c, mean[c], p);
       }
     });
   } else if (!v.nlc) {
@@ -91,7 +94,7 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
     at::parallel_for(0, C * nb, grain_for(kNclBlock), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = i / nb;
-        blocks[i] = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i % nb), mh[c]);
+        blocks[i] = ncl_block_sums(x, dy, v, c, ncl_block(v, b, i % nb), mh[c], p);
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -115,7 +118,7 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
         double* q = t_dyt.get() + rt * C + c0;
         std::fill(a, a + width, 0.0);
         std::fill(q, q + width, 0.0);
-        rows_add_dy_dyt(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mh.data() + c0, a, q);
+        rows_add_dy_dyt(x + r0 * C + c0, dy + r0 * C + c0, C, rows, width, mh.data() + c0, a, q, p.at(r0 * C + c0));
       }
     });
     // Task after task, channels inside: a forward walk through the task
@@ -138,6 +141,11 @@ void channel_sums(const T* x, const T* dy, const View& v, const std::vector<doub
   }
 }
 
+// The prologue as the reductions use it: they read dt, they write nothing.
+inline NoHook reader(const NoHook& p) { return p; }
+template <typename T>
+ActGrad<T> reader(const ActGrad<T>& p) { return p.without_sink(); }
+
 template <typename op_t>
 struct GradCoefs {
   std::vector<op_t> a, k, cst, mh;
@@ -152,28 +160,29 @@ struct GradCoefs {
 
 // grad_input for every value; eval mode (train=false) reads only dy
 // (loops.h: the order of the pass); the output of a large pass is streamed.
-template <typename T>
-void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCoefs<opmath_t<T>>& g, bool train) {
+template <typename T, typename P>
+void grad_input_pass(const T* dy, const T* x, T* dx, const View& v, const GradCoefs<opmath_t<T>>& g, bool train,
+                     const P& p) {
   const int64_t C = v.C, L = v.L;
-  with_streaming(pass_bytes(v, train ? 3 : 2, sizeof(T)), [&](auto stream) {
+  with_streaming(pass_bytes(v, (train ? 3 : 2) + p.tensors(), sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     if (v.nlc) {
       for_row_ranges(v, [&](int64_t r0, int64_t r1) {
         const int64_t off = r0 * C;
         if (train) {
           grad_rows<S>(dy + off, x + off, dx + off, C, r1 - r0, C, g.a.data(), g.k.data(), g.cst.data(),
-                       g.mh.data());
+                       g.mh.data(), p.at(off));
         } else {
-          scale_rows<S>(dy + off, dx + off, C, r1 - r0, C, g.a.data());
+          scale_rows<S>(dy + off, dx + off, C, r1 - r0, C, g.a.data(), p.at(off));
         }
       });
     } else {
       for_runs(v, [&](int64_t i) {
         const int64_t c = i % C, off = i * L;
         if (train) {
-          grad_run<S>(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c]);
+          grad_run<S>(dy + off, x + off, dx + off, L, g.a[c], g.k[c], g.cst[c], g.mh[c], p.at(off));
         } else {
-          scale_run<S>(dy + off, dx + off, L, g.a[c]);
+          scale_run<S>(dy + off, dx + off, L, g.a[c], p.at(off));
         }
       });
     }
@@ -187,17 +196,18 @@ struct BackwardArgs {
 
 // The training backward of an NCL input with whole channels per thread:
 // sums, then grad_input of the channel while its values are still in cache.
-template <typename T>
+// p: the prologue of the grad pass; its sums read dy through p without its sink.
+template <typename T, typename P>
 void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const BackwardArgs& a,
-                        std::vector<SumPair>& sums) {
+                        std::vector<SumPair>& sums, const P& p) {
   using op_t = opmath_t<T>;
   const int64_t C = v.C, L = v.L;
   const double count = static_cast<double>(v.M());
-  with_streaming(pass_bytes(v, 3, sizeof(T)), [&](auto stream) {
+  with_streaming(pass_bytes(v, 3 + p.tensors(), sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        SumPair s = ncl_channel_sums(x, dy, v, c, a.mean[c]);
+        SumPair s = ncl_channel_sums(x, dy, v, c, a.mean[c], reader(p));
         s.dy = round_to(s.dy, a.sdt);
         s.dyx = round_to(s.dyx, a.sdt);
         sums[c] = s;
@@ -205,7 +215,7 @@ void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const Bac
         // Last runs first: they are the ones still in cache.
         for (int64_t n = v.N; n-- > 0;) {
           const int64_t off = (n * C + c) * L;
-          grad_run<S>(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh);
+          grad_run<S>(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh, p.at(off));
         }
       }
       stream_fence();
@@ -213,10 +223,10 @@ void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const Bac
   });
 }
 
-template <typename T>
+template <typename T, typename P = NoHook>
 void sums_rounded(const T* x, const T* dy, const View& v, const std::vector<double>& mean, at::ScalarType sdt,
-                  std::vector<SumPair>& sums) {
-  channel_sums(x, dy, v, mean, sums);
+                  std::vector<SumPair>& sums, const P& p = {}) {
+  channel_sums(x, dy, v, mean, sums, p);
   for (auto& s : sums) {
     s.dy = round_to(s.dy, sdt);
     s.dyx = round_to(s.dyx, sdt);
@@ -225,16 +235,38 @@ void sums_rounded(const T* x, const T* dy, const View& v, const std::vector<doub
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
-                                                        const OptTensor& weight, const at::Tensor& save_mean,
-                                                        const at::Tensor& save_invstd, bool train, double eps,
-                                                        std::array<bool, 3> output_mask) {
-  (void)eps;  // only the double backward (ops.py) rebuilds statistics with it
-  const char* op = "batch_norm_backward";
-  check_input(input, op);
-  check_same_shape(grad_output, input, op, "grad_output");
-  const Dense d = dense_input_for_grad(input, grad_output);
-  const at::Tensor dy = dense_like(grad_output, d);
+namespace {
+
+// What the fused backward adds before the batch norm backward: dt = dy·act'(o)
+// from the forward's output o (dense like the input), and dz = dt written by
+// the grad pass when asked. Off: plain batch norm.
+struct ActBackward {
+  at::Tensor output;
+  double slope = 0.0;
+  at::Tensor grad_residual;  // undefined: not asked for
+  bool on = false;
+};
+
+// Calls k(prologue): NoHook for plain batch norm, ActGrad otherwise.
+template <typename T, typename K>
+void with_prologue(const ActBackward& f, const K& k) {
+  if (!f.on) {
+    k(NoHook{});
+    return;
+  }
+  ActGrad<T> p;
+  p.out = f.output.const_data_ptr<T>();
+  p.slope = static_cast<opmath_t<T>>(f.slope);
+  p.dz = f.grad_residual.defined() ? f.grad_residual.mutable_data_ptr<T>() : nullptr;
+  k(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_with(const char* op, const Dense& d, const at::Tensor& dy,
+                                                             const OptTensor& weight, const at::Tensor& save_mean,
+                                                             const at::Tensor& save_invstd, bool train,
+                                                             std::array<bool, 3> output_mask,
+                                                             const ActBackward& act) {
+  const at::Tensor& input = d.t;
   const View& v = d.v;
   const int64_t C = v.C;
   const bool has_w = weight.has_value() && weight->defined();
@@ -256,21 +288,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
       const scalar_t* xp = d.t.const_data_ptr<scalar_t>();
       const scalar_t* gp = dy.const_data_ptr<scalar_t>();
       scalar_t* dxp = need_gi ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-      if (train && need_gi && !v.nlc && ncl_by_channel(v)) {
-        fused_ncl_backward(gp, xp, dxp, v, a, sums);
-        return;
-      }
-      if (need_sums) {
-        sums_rounded(xp, gp, v, a.mean, a.sdt, sums);
-      }
-      if (need_gi) {
-        GradCoefs<op_t> g(C);
-        const double count = static_cast<double>(v.M());
-        for (int64_t c = 0; c < C; ++c) {
-          g.set(c, grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], sums[c].dy, sums[c].dyx, count, train));
+      with_prologue<scalar_t>(act, [&](const auto& p) {
+        if (train && need_gi && !v.nlc && ncl_by_channel(v)) {
+          fused_ncl_backward(gp, xp, dxp, v, a, sums, p);
+          return;
         }
-        grad_input_pass(gp, xp, dxp, v, g, train);
-      }
+        if (need_sums) {
+          sums_rounded(xp, gp, v, a.mean, a.sdt, sums, reader(p));
+        }
+        if (need_gi) {
+          GradCoefs<op_t> g(C);
+          const double count = static_cast<double>(v.M());
+          for (int64_t c = 0; c < C; ++c) {
+            g.set(c, grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], sums[c].dy, sums[c].dyx, count, train));
+          }
+          grad_input_pass(gp, xp, dxp, v, g, train, p);
+        }
+      });
     });
   }
   const auto wopt = has_w ? weight->options() : input.options();
@@ -292,6 +326,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     grad_bias = channel_tensor(gb, wopt, wdt);
   }
   return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                                        const OptTensor& weight, const at::Tensor& save_mean,
+                                                        const at::Tensor& save_invstd, bool train, double eps,
+                                                        std::array<bool, 3> output_mask) {
+  (void)eps;  // only the double backward (ops.py) rebuilds statistics with it
+  const char* op = "batch_norm_backward";
+  check_input(input, op);
+  check_same_shape(grad_output, input, op, "grad_output");
+  const Dense d = dense_input_for_grad(input, grad_output);
+  return backward_with(op, d, dense_like(grad_output, d), weight, save_mean, save_invstd, train, output_mask,
+                       ActBackward{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, const OptTensor& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool train, std::optional<double> negative_slope,
+    double eps, std::array<bool, 4> output_mask) {
+  (void)eps;
+  const char* op = "batch_norm_act_backward";
+  check_input(input, op);
+  check_same_shape(grad_output, input, op, "grad_output");
+  const Dense d = dense_input_for_grad(input, grad_output);
+  const at::Tensor dy = dense_like(grad_output, d);
+  const std::array<bool, 3> bn_mask{output_mask[0], output_mask[1], output_mask[2]};
+  if (!negative_slope.has_value()) {  // identity: dt = dy
+    auto [gi, gw, gb] = backward_with(op, d, dy, weight, save_mean, save_invstd, train, bn_mask, ActBackward{});
+    return {gi, gw, gb, output_mask[3] ? dy.clone() : at::empty({0}, input.options())};
+  }
+  check_same_shape(output, input, op, "output");
+  ActBackward act;
+  act.on = true;
+  act.output = dense_like(output, d);
+  act.slope = *negative_slope;
+  if (output_mask[3]) {
+    act.grad_residual = empty_like_dense(d, input.scalar_type());
+  }
+  auto [gi, gw, gb] = backward_with(op, d, dy, weight, save_mean, save_invstd, train, bn_mask, act);
+  if (output_mask[3] && !(output_mask[0] && d.v.M() > 0)) {
+    // No grad pass ran to write dz: dt on its own.
+    const at::Tensor positive = act.output.gt(0);
+    act.grad_residual.copy_(at::where(positive, dy, dy * *negative_slope));
+  }
+  return {gi, gw, gb, output_mask[3] ? act.grad_residual : at::empty({0}, input.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_output, const at::Tensor& input,
@@ -343,7 +424,7 @@ at::Tensor backward_elementwise(const at::Tensor& grad_output, const at::Tensor&
         g.set(c, grad_coef<op_t>(m[c], is[c], w[c], sdy[c], sdyx[c], n[c], true));
       }
       grad_input_pass(dy.const_data_ptr<scalar_t>(), d.t.const_data_ptr<scalar_t>(),
-                      grad_input.mutable_data_ptr<scalar_t>(), d.v, g, true);
+                      grad_input.mutable_data_ptr<scalar_t>(), d.v, g, true, NoHook{});
     });
   }
   return grad_input;

@@ -37,6 +37,19 @@ at::Tensor backward_elementwise(const at::Tensor& grad_output, const at::Tensor&
                                 const at::Tensor& invstd, const OptTensor& weight, const at::Tensor& sum_dy,
                                 const at::Tensor& sum_dy_xmu, const at::Tensor& count);
 
+// The fused layers (act(BN(x) + residual)): forward.cpp and backward.cpp, the
+// same passes with the activation hooks of activation.h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> act_train_forward(const at::Tensor& input, const OptTensor& weight,
+                                                                 const OptTensor& bias, const OptTensor& residual,
+                                                                 std::optional<double> negative_slope, double eps);
+at::Tensor act_eval_forward(const at::Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                            const OptTensor& residual, const at::Tensor& running_mean,
+                            const at::Tensor& running_var, std::optional<double> negative_slope, double eps);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, const OptTensor& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool train, std::optional<double> negative_slope,
+    double eps, std::array<bool, 4> output_mask);
+
 // running_stats.cpp
 std::tuple<at::Tensor, at::Tensor> running_stats(const at::Tensor& save_mean, const at::Tensor& save_invstd,
                                                  const at::Tensor& running_mean, const at::Tensor& running_var,

@@ -142,6 +142,27 @@ inline int64_t grain_for(int64_t per_item) {
 }
 
 // ---------------------------------------------------------------------------
+// Hooks of the elementwise work (the fused layers: activation.h). Every pass
+// below takes one, defaulting to these, which change nothing and compile to
+// the plain pass: plain batch norm keeps its code and its bits.
+//   Prologue: applied to each dy value as it is loaded (dt = dy·act'(y)).
+//   Epilogue: applied to each output value before it is stored (+ z, act).
+// vec(v, i) / one(v, i) get the value at offset i from the pointers the pass
+// was given; at(off) shifts the hook by off values, as the pass shifts its
+// own pointers. Hooks are passed by value: NoHook, an empty class, then takes
+// no register, and the plain kernels compile to the same machine code.
+// ---------------------------------------------------------------------------
+
+struct NoHook {
+  template <typename V>
+  V vec(const V& v, int64_t) const { return v; }
+  template <typename S>
+  S one(S v, int64_t) const { return v; }
+  NoHook at(int64_t) const { return {}; }
+  int64_t tensors() const { return 0; }  // extra tensors the hook reads or writes
+};
+
+// ---------------------------------------------------------------------------
 // Reductions over one contiguous run (NCL), accumulated in double
 // ---------------------------------------------------------------------------
 
@@ -175,8 +196,8 @@ inline void add_shifted(const T* p, int64_t n, double shift, Sum4& s1, Sum4& s2)
 // kPartial·u of its terms, the long sum over M values never leaves double.
 constexpr int64_t kPartial = 8;
 
-template <typename T, typename op_t = opmath_t<T>>
-inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, Sum4& sdyt) {
+template <typename T, typename op_t = opmath_t<T>, typename P = NoHook>
+inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, Sum4& sdyt, P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -186,7 +207,7 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
     const int64_t end = std::min(n, i + kPartial * 2 * K);
     V a0(op_t(0)), a1(op_t(0)), b0(op_t(0)), b1(op_t(0));
     for (; i + 2 * K <= end; i += 2 * K) {
-      const V g0 = IO::load(dy + i), g1 = IO::load(dy + i + K);
+      const V g0 = p.vec(IO::load(dy + i), i), g1 = p.vec(IO::load(dy + i + K), i + K);
       a0 += g0;
       a1 += g1;
       b0 = at::vec::fmadd(g0, IO::load(x + i) - m, b0);
@@ -196,7 +217,7 @@ inline void add_dy_dyt(const T* x, const T* dy, int64_t n, op_t mh, Sum4& sdy, S
     sdyt.add(b0, b1);
   }
   for (; i < n; ++i) {
-    const double g = static_cast<double>(dy[i]);
+    const double g = p.one(static_cast<double>(dy[i]), i);
     sdy.tail += g;
     sdyt.tail = std::fma(g, static_cast<double>(static_cast<op_t>(x[i]) - mh), sdyt.tail);
   }
@@ -339,9 +360,9 @@ C10_NOINLINE void rows_add_shifted(const T* x, int64_t stride, int64_t rows, int
 // by_strip: four vectors of channels at a time over kPartial rows, the
 // partial sums in registers (eight independent chains cover the add/fma
 // latency), a strided walk through the block (a tile of each row).
-template <typename T, typename op_t = opmath_t<T>>
+template <typename T, typename op_t = opmath_t<T>, typename P = NoHook>
 C10_NOINLINE void rows_add_dy_dyt_by_row(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n,
-                                        const op_t* mh, double* sdy, double* sdyt) {
+                                        const op_t* mh, double* sdy, double* sdyt, P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -354,14 +375,15 @@ C10_NOINLINE void rows_add_dy_dyt_by_row(const T* x, const T* dy, int64_t stride
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * stride;
       const T* gr = dy + r * stride;
+      const P pr = p.at(r * stride);
       int64_t c = 0;
       for (; c + K <= n; c += K) {
-        const V g = IO::load(gr + c);
+        const V g = pr.vec(IO::load(gr + c), c);
         (V::loadu(pa + c) + g).store(pa + c);
         at::vec::fmadd(g, IO::load(xr + c) - V::loadu(mh + c), V::loadu(pb + c)).store(pb + c);
       }
       for (; c < n; ++c) {
-        const op_t g = static_cast<op_t>(gr[c]);
+        const op_t g = pr.one(static_cast<op_t>(gr[c]), c);
         pa[c] += g;
         pb[c] = std::fma(g, static_cast<op_t>(xr[c]) - mh[c], pb[c]);
       }
@@ -378,9 +400,9 @@ C10_NOINLINE void rows_add_dy_dyt_by_row(const T* x, const T* dy, int64_t stride
   }
 }
 
-template <typename T, typename op_t = opmath_t<T>>
+template <typename T, typename op_t = opmath_t<T>, typename P = NoHook>
 C10_NOINLINE void rows_add_dy_dyt_by_strip(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n,
-                                          const op_t* mh, double* sdy, double* sdyt) {
+                                          const op_t* mh, double* sdy, double* sdyt, P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   constexpr int64_t K = IO::kSize;
@@ -398,7 +420,7 @@ C10_NOINLINE void rows_add_dy_dyt_by_strip(const T* x, const T* dy, int64_t stri
         const T* xr = x + r * stride + c;
         const T* gr = dy + r * stride + c;
         for (int j = 0; j < 4; ++j) {
-          const V g = IO::load(gr + j * K);
+          const V g = p.vec(IO::load(gr + j * K), r * stride + c + j * K);
           a[j] += g;
           b[j] = at::vec::fmadd(g, IO::load(xr + j * K) - m[j], b[j]);
         }
@@ -412,7 +434,7 @@ C10_NOINLINE void rows_add_dy_dyt_by_strip(const T* x, const T* dy, int64_t stri
       const V m = V::loadu(mh + c);
       V a(op_t(0)), b(op_t(0));
       for (int64_t r = r0; r < r1; ++r) {
-        const V g = IO::load(dy + r * stride + c);
+        const V g = p.vec(IO::load(dy + r * stride + c), r * stride + c);
         a += g;
         b = at::vec::fmadd(g, IO::load(x + r * stride + c) - m, b);
       }
@@ -422,7 +444,7 @@ C10_NOINLINE void rows_add_dy_dyt_by_strip(const T* x, const T* dy, int64_t stri
     for (; c < n; ++c) {
       op_t a(0), b(0);
       for (int64_t r = r0; r < r1; ++r) {
-        const op_t g = static_cast<op_t>(dy[r * stride + c]);
+        const op_t g = p.one(static_cast<op_t>(dy[r * stride + c]), r * stride + c);
         a += g;
         b = std::fma(g, static_cast<op_t>(x[r * stride + c]) - mh[c], b);
       }
@@ -432,13 +454,13 @@ C10_NOINLINE void rows_add_dy_dyt_by_strip(const T* x, const T* dy, int64_t stri
   }
 }
 
-template <typename T, typename op_t = opmath_t<T>>
+template <typename T, typename op_t = opmath_t<T>, typename P = NoHook>
 inline void rows_add_dy_dyt(const T* x, const T* dy, int64_t stride, int64_t rows, int64_t n, const op_t* mh,
-                            double* sdy, double* sdyt) {
+                            double* sdy, double* sdyt, P p = {}) {
   if (whole_rows(n, stride)) {
-    rows_add_dy_dyt_by_row(x, dy, stride, rows, n, mh, sdy, sdyt);
+    rows_add_dy_dyt_by_row(x, dy, stride, rows, n, mh, sdy, sdyt, p);
   } else {
-    rows_add_dy_dyt_by_strip(x, dy, stride, rows, n, mh, sdy, sdyt);
+    rows_add_dy_dyt_by_strip(x, dy, stride, rows, n, mh, sdy, sdyt, p);
   }
 }
 
@@ -565,36 +587,40 @@ inline void map_out(T* out, int64_t n, const VF& vec, const SF& one) {
   }
 }
 
-template <bool kStream, typename T, typename op_t = opmath_t<T>>
-inline void normalize_run(const T* x, T* y, int64_t n, op_t mh, op_t scale, op_t shift) {
+template <bool kStream, typename T, typename op_t = opmath_t<T>, typename E = NoHook>
+inline void normalize_run(const T* x, T* y, int64_t n, op_t mh, op_t scale, op_t shift, E e = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   const V vm(mh), vs(scale), vb(shift);
   map_out<kStream>(
-      y, n, [&](int64_t i) { return at::vec::fmadd(IO::load(x + i) - vm, vs, vb); },
-      [&](int64_t i) { return std::fma(static_cast<op_t>(x[i]) - mh, scale, shift); });
+      y, n, [&](int64_t i) { return e.vec(at::vec::fmadd(IO::load(x + i) - vm, vs, vb), i); },
+      [&](int64_t i) { return e.one(std::fma(static_cast<op_t>(x[i]) - mh, scale, shift), i); });
 }
 
-template <bool kStream, typename T, typename op_t = opmath_t<T>>
-inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, op_t a, op_t k, op_t cst, op_t mh) {
+template <bool kStream, typename T, typename op_t = opmath_t<T>, typename P = NoHook>
+inline void grad_run(const T* dy, const T* x, T* dx, int64_t n, op_t a, op_t k, op_t cst, op_t mh, P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   const V va(a), vk(k), vc(cst), vm(mh);
   map_out<kStream>(
       dx, n,
-      [&](int64_t i) { return at::vec::fmadd(vk, IO::load(x + i) - vm, at::vec::fmadd(va, IO::load(dy + i), vc)); },
-      [&](int64_t i) { return std::fma(k, static_cast<op_t>(x[i]) - mh, std::fma(a, static_cast<op_t>(dy[i]), cst)); });
+      [&](int64_t i) {
+        return at::vec::fmadd(vk, IO::load(x + i) - vm, at::vec::fmadd(va, p.vec(IO::load(dy + i), i), vc));
+      },
+      [&](int64_t i) {
+        return std::fma(k, static_cast<op_t>(x[i]) - mh, std::fma(a, p.one(static_cast<op_t>(dy[i]), i), cst));
+      });
 }
 
 // dx = a·dy (eval mode: the statistics are constants).
-template <bool kStream, typename T, typename op_t = opmath_t<T>>
-inline void scale_run(const T* dy, T* dx, int64_t n, op_t a) {
+template <bool kStream, typename T, typename op_t = opmath_t<T>, typename P = NoHook>
+inline void scale_run(const T* dy, T* dx, int64_t n, op_t a, P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   const V va(a);
   map_out<kStream>(
-      dx, n, [&](int64_t i) { return IO::load(dy + i) * va; },
-      [&](int64_t i) { return static_cast<op_t>(dy[i]) * a; });
+      dx, n, [&](int64_t i) { return p.vec(IO::load(dy + i), i) * va; },
+      [&](int64_t i) { return p.one(static_cast<op_t>(dy[i]), i) * a; });
 }
 
 // The elementwise passes: every value on its own, in parallel, and the
@@ -629,47 +655,53 @@ inline void for_runs(const View& v, const F& f) {
 // the coefficients stay in L1). The row kernels are not inlined: each call
 // covers thousands of values, and on its own the loop keeps its pointers in
 // registers.
-template <bool kStream, typename T, typename op_t = opmath_t<T>>
+template <bool kStream, typename T, typename op_t = opmath_t<T>, typename E = NoHook>
 C10_NOINLINE void normalize_rows(const T* x, T* y, int64_t stride, int64_t rows, int64_t n, const op_t* mh,
-                                 const op_t* scale, const op_t* shift) {
+                                 const op_t* scale, const op_t* shift, E e = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   for (int64_t r = 0; r < rows; ++r, x += stride, y += stride) {
+    const E er = e.at(r * stride);
     map_out<kStream>(
         y, n,
         [&](int64_t c) {
-          return at::vec::fmadd(IO::load(x + c) - V::loadu(mh + c), V::loadu(scale + c), V::loadu(shift + c));
+          return er.vec(
+              at::vec::fmadd(IO::load(x + c) - V::loadu(mh + c), V::loadu(scale + c), V::loadu(shift + c)), c);
         },
-        [&](int64_t c) { return std::fma(static_cast<op_t>(x[c]) - mh[c], scale[c], shift[c]); });
+        [&](int64_t c) { return er.one(std::fma(static_cast<op_t>(x[c]) - mh[c], scale[c], shift[c]), c); });
   }
 }
 
-template <bool kStream, typename T, typename op_t = opmath_t<T>>
+template <bool kStream, typename T, typename op_t = opmath_t<T>, typename P = NoHook>
 C10_NOINLINE void grad_rows(const T* dy, const T* x, T* dx, int64_t stride, int64_t rows, int64_t n, const op_t* a,
-                            const op_t* k, const op_t* cst, const op_t* mh) {
+                            const op_t* k, const op_t* cst, const op_t* mh, P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   for (int64_t r = 0; r < rows; ++r, dy += stride, x += stride, dx += stride) {
+    const P pr = p.at(r * stride);
     map_out<kStream>(
         dx, n,
         [&](int64_t c) {
-          const V u = at::vec::fmadd(V::loadu(a + c), IO::load(dy + c), V::loadu(cst + c));
+          const V u = at::vec::fmadd(V::loadu(a + c), pr.vec(IO::load(dy + c), c), V::loadu(cst + c));
           return at::vec::fmadd(V::loadu(k + c), IO::load(x + c) - V::loadu(mh + c), u);
         },
         [&](int64_t c) {
-          return std::fma(k[c], static_cast<op_t>(x[c]) - mh[c], std::fma(a[c], static_cast<op_t>(dy[c]), cst[c]));
+          return std::fma(k[c], static_cast<op_t>(x[c]) - mh[c],
+                          std::fma(a[c], pr.one(static_cast<op_t>(dy[c]), c), cst[c]));
         });
   }
 }
 
-template <bool kStream, typename T, typename op_t = opmath_t<T>>
-C10_NOINLINE void scale_rows(const T* dy, T* dx, int64_t stride, int64_t rows, int64_t n, const op_t* a) {
+template <bool kStream, typename T, typename op_t = opmath_t<T>, typename P = NoHook>
+C10_NOINLINE void scale_rows(const T* dy, T* dx, int64_t stride, int64_t rows, int64_t n, const op_t* a,
+                             P p = {}) {
   using IO = VecIO<T>;
   using V = typename IO::Vec;
   for (int64_t r = 0; r < rows; ++r, dy += stride, dx += stride) {
+    const P pr = p.at(r * stride);
     map_out<kStream>(
-        dx, n, [&](int64_t c) { return IO::load(dy + c) * V::loadu(a + c); },
-        [&](int64_t c) { return static_cast<op_t>(dy[c]) * a[c]; });
+        dx, n, [&](int64_t c) { return pr.vec(IO::load(dy + c), c) * V::loadu(a + c); },
+        [&](int64_t c) { return pr.one(static_cast<op_t>(dy[c]), c) * a[c]; });
   }
 }
 

@@ -14,4 +14,7 @@ TORCH_LIBRARY_IMPL(torch_bn_manual, CPU, m) {
   m.impl("batch_norm_backward_reduce", &backward_reduce);
   m.impl("batch_norm_backward_elementwise", &backward_elementwise);
   m.impl("batch_norm_running_stats", &running_stats);
+  m.impl("batch_norm_act_train_forward", &act_train_forward);
+  m.impl("batch_norm_act_eval_forward", &act_eval_forward);
+  m.impl("batch_norm_act_backward", &act_backward);
 }

@@ -1,0 +1,72 @@
+// The hooks of the fused layers (loops.h: NoHook is the plain pass):
+//   AddAct   epilogue of the normalize pass:  o = act(y + z)
+//   ActGrad  prologue of the backward passes: dt = dy·act'(o), optionally
+//            also written to dz (the residual's gradient) by the grad pass
+// act(t) = t for t > 0, slope·t otherwise (relu: slope 0); act' is read from
+// the output o, whose sign is t's for slope >= 0 (docs/derivation.md, 10).
+// Both are applied to values already in registers: no pass of their own.
+#pragma once
+
+#include <cstdint>
+
+#include "cpu/vec.h"
+
+namespace torch_bn_manual {
+namespace cpu {
+
+template <typename T>
+struct AddAct {
+  using op_t = opmath_t<T>;
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  const T* z = nullptr;  // residual, at the output's offsets; nullptr: none
+  op_t slope = 0;
+  bool act = false;      // false: identity
+
+  V vec(V t, int64_t i) const {
+    if (z != nullptr) {
+      t = t + IO::load(z + i);
+    }
+    return act ? V::blendv(t * V(slope), t, t > V(op_t(0))) : t;
+  }
+  op_t one(op_t t, int64_t i) const {
+    if (z != nullptr) {
+      t += static_cast<op_t>(z[i]);
+    }
+    return act && !(t > op_t(0)) ? t * slope : t;
+  }
+  AddAct at(int64_t off) const { return {z == nullptr ? nullptr : z + off, slope, act}; }
+  int64_t tensors() const { return z == nullptr ? 0 : 1; }
+};
+
+template <typename T>
+struct ActGrad {
+  using op_t = opmath_t<T>;
+  using IO = VecIO<T>;
+  using V = typename IO::Vec;
+  const T* out = nullptr;  // the forward's output o
+  op_t slope = 0;
+  T* dz = nullptr;         // where dt goes as well (grad pass only); nullptr: nowhere
+
+  V vec(const V& g, int64_t i) const {
+    const V dt = V::blendv(g * V(slope), g, IO::load(out + i) > V(op_t(0)));
+    if (dz != nullptr) {
+      IO::store(dz + i, dt);
+    }
+    return dt;
+  }
+  template <typename S>
+  S one(S g, int64_t i) const {
+    const S dt = static_cast<op_t>(out[i]) > op_t(0) ? g : g * static_cast<S>(slope);
+    if (dz != nullptr) {
+      dz[i] = static_cast<T>(dt);
+    }
+    return dt;
+  }
+  ActGrad at(int64_t off) const { return {out + off, slope, dz == nullptr ? nullptr : dz + off}; }
+  int64_t tensors() const { return dz == nullptr ? 1 : 2; }
+  ActGrad without_sink() const { return {out, slope, nullptr}; }
+};
+
+}  // namespace cpu
+}  // namespace torch_bn_manual
