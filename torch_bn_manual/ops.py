@@ -385,13 +385,15 @@ ACT_DEVICES = frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUD
 def _act_train_forward_fake(input, weight, bias, residual, negative_slope, eps):
     _check_input(input)
     sdt = _stats_dtype(input.dtype)
-    return _like_input(input), _per_channel(input, sdt), _per_channel(input, sdt)
+    output = _strided_like(input, _layout.output_strides(input, weight, bias))
+    return output, _per_channel(input, sdt), _per_channel(input, sdt)
 
 
 @torch.library.register_fake(_LIB + "batch_norm_act_eval_forward")
 def _act_eval_forward_fake(input, weight, bias, residual, running_mean, running_var, negative_slope, eps):
     _check_input(input)
-    return _like_input(input)
+    return _strided_like(input, _layout.output_strides(input, weight, bias, running_mean, running_var,
+                                                       training=False))
 
 
 @torch.library.register_fake(_LIB + "batch_norm_act_backward")
@@ -399,7 +401,8 @@ def _act_backward_fake(grad_output, output, input, weight, save_mean, save_invst
                        output_mask):
     grad_input, grad_weight, grad_bias = _backward_fake(grad_output, input, weight, save_mean, save_invstd, train,
                                                         eps, output_mask[:3])
-    grad_residual = _like_input(input) if output_mask[3] else input.new_empty((0,))
+    grad_residual = (_strided_like(input, _layout.grad_input_strides(grad_output, input)) if output_mask[3]
+                     else input.new_empty((0,)))
     return grad_input, grad_weight, grad_bias, grad_residual
 
 
