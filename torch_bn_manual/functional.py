@@ -16,6 +16,8 @@ from torch import Tensor
 from . import _func, _python
 from .backends import get_backend
 from .export import aten_eval_batch_norm, capturing_standalone_graph
+# nn's answer for an empty batch: an empty output still connected to weight and bias.
+from .scripting import empty_batch as _empty_batch
 
 __all__ = ["batch_norm", "check_batch_norm_inputs", "update_running_stats"]
 
@@ -114,16 +116,6 @@ def _copy_into_buffers(running_mean: Tensor, running_var: Tensor, new_mean: Tens
     with torch.no_grad() if any_grad else contextlib.nullcontext():
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
-
-
-def _empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """nn's answer for an empty batch: an empty output still connected to weight and bias."""
-    output = input.clone()
-    if weight is not None:
-        output = output * weight[0]
-    if bias is not None:
-        output = output + bias[0]
-    return output
 
 
 def _batch_norm_checked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],

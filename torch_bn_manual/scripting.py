@@ -59,7 +59,7 @@ def _per_channel(v: Tensor, x: Tensor) -> Tensor:
 
 
 def empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
-    """nn's answer for an empty batch (functional._empty_batch)."""
+    """nn's answer for an empty batch: an empty output still connected to weight and bias (eager and scripted)."""
     output = input.clone()
     if weight is not None:
         output = output * weight[0]
