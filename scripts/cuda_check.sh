@@ -96,32 +96,9 @@ else
     echo "   no compiler warnings in csrc/"
 fi
 
-step "every torch_bn_manual op has a CUDA and a CPU kernel"
-"$VENV/bin/python" - <<'EOF' || fail "kernel registration"
-import sys
-import torch
-import torch_bn_manual._C  # noqa: F401  (runs the registrations)
-
-EXPECTED = {
-    "batch_norm_train_forward", "batch_norm_eval_forward", "batch_norm_backward",
-    "batch_norm_collect_stats", "batch_norm_merge_stats", "batch_norm_elementwise",
-    "batch_norm_backward_reduce", "batch_norm_backward_elementwise", "batch_norm_running_stats",
-}
-names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
-               if n.startswith("torch_bn_manual::"))
-problems = []
-if set(names) != EXPECTED:
-    problems.append(f"ops in the namespace {names}, expected {sorted(EXPECTED)}")
-for name in names:
-    for key in ("CUDA", "CPU"):
-        ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_bn_manual::{name}", key)
-        print(f"   {name:34s} {key:4s} {'ok' if ok else 'MISSING'}")
-        if not ok:
-            problems.append(f"{name}: no {key} kernel")
-if problems:
-    print("\n".join("   " + p for p in problems), file=sys.stderr)
-    sys.exit(1)
-EOF
+step "every torch_bn_manual op has a CPU kernel and, but for the CPU-only fused ops, a CUDA kernel"
+# One check shared with make gpu-check (scripts/gpu_check.py ops).
+PYTHONPATH="$SCRATCH/src" "$VENV/bin/python" scripts/gpu_check.py ops | sed 's/^/   /' || fail "kernel registration"
 
 step "test suite against the CUDA build (${CUDA_CHECK_PYTEST_ARGS:--q} tests)"
 # shellcheck disable=SC2086
