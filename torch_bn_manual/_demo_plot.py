@@ -53,7 +53,7 @@ def _hard_input(ax, hard):
     ax.set_xticks(range(len(rows)), [f"float32 input\n{r[0]}" for r in rows])
     ax.set_ylabel("max |y - y_float64| (log scale, lower is better)")
     ax.set_title("Hard input: error of the output\nagainst float64 math")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.18), ncol=3, frameon=False)
     ax.grid(True, axis="y", alpha=0.3)
 
 
@@ -72,6 +72,6 @@ def _speed(ax, ratios):
     import torch
 
     threads = torch.get_num_threads()
-    ax.set_title(f"Speed, float32 CPU, {threads} thread{'s' if threads > 1 else ''}, this run (glibc defaults)\n"
-                 "ResNet layer: one BatchNorm2d at 32x64x56x56")
+    ax.set_title(f"Speed, float32 CPU, {threads} thread{'s' if threads > 1 else ''}, glibc defaults\n"
+                 "ResNet layer: 32x64x56x56")
     ax.grid(True, axis="x", alpha=0.3)
