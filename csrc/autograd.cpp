@@ -21,6 +21,7 @@
 #include <optional>
 #include <tuple>
 
+#include "autograd_common.h"
 #include "op_checks.h"
 
 namespace torch_bn_manual {
@@ -30,40 +31,18 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using namespace autograd_common;
 
 using TrainForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, double);
 using EvalForwardSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, double);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
                                                        const Tensor&, bool, double, std::array<bool, 3>);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-OptTensor optional(const Tensor& t) {
-  return t.defined() ? OptTensor(t) : std::nullopt;
-}
-
-bool present(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
-
 // What the backward needs besides the saved tensors: eps, and the bias'
 // dtype (-1: no bias; the bias itself is not needed, so it is not saved).
 void save_arguments(AutogradContext* ctx, const OptTensor& bias, double eps) {
   ctx->saved_data["bias_dtype"] = present(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
   ctx->saved_data["eps"] = eps;
-}
-
-// Σ dy per channel in the bias' dtype, for a bias given without a weight (the
-// kernels take a bias only with its weight; functional.py always pairs them).
-Tensor grad_bias_alone(const Tensor& grad_output, at::ScalarType bias_dtype) {
-  std::vector<int64_t> dims{0};
-  for (int64_t d = 2; d < grad_output.dim(); ++d) {
-    dims.push_back(d);
-  }
-  return grad_output.to(stats_dtype(grad_output.scalar_type())).sum(dims).to(bias_dtype);
 }
 
 // The gradients (input, weight, bias) of either forward op, undefined where

@@ -20,6 +20,7 @@
 #include <optional>
 #include <tuple>
 
+#include "autograd_common.h"
 #include "op_checks.h"
 
 namespace torch_bn_manual {
@@ -30,6 +31,7 @@ using OptTensor = std::optional<Tensor>;
 using OptDouble = std::optional<double>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+using namespace autograd_common;
 
 using ActTrainSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
                                                        const OptTensor&, OptDouble, double);
@@ -38,15 +40,6 @@ using ActEvalSig = Tensor(const Tensor&, const OptTensor&, const OptTensor&, con
 using ActBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                   const OptTensor&, const Tensor&, const Tensor&,
                                                                   bool, OptDouble, double, std::array<bool, 4>);
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-bool present(const OptTensor& t) {
-  return t.has_value() && t->defined();
-}
 
 // What the backward needs besides the saved tensors. Gradient edges exist
 // only for the tensors given, so it also records which were given.
@@ -61,15 +54,6 @@ void save_arguments(AutogradContext* ctx, const OptTensor& bias, const OptTensor
 
 OptDouble slope_of(AutogradContext* ctx) {
   return ctx->saved_data["has_slope"].toBool() ? OptDouble(ctx->saved_data["slope"].toDouble()) : std::nullopt;
-}
-
-// Σ dt per channel in the bias' dtype, for a bias given without a weight.
-Tensor grad_bias_alone(const Tensor& dt, at::ScalarType bias_dtype) {
-  std::vector<int64_t> dims{0};
-  for (int64_t d = 2; d < dt.dim(); ++d) {
-    dims.push_back(d);
-  }
-  return dt.to(stats_dtype(dt.scalar_type())).sum(dims).to(bias_dtype);
 }
 
 // (input, weight, bias, residual) gradients, undefined where not needed;
@@ -95,9 +79,8 @@ variable_list backward_of(AutogradContext* ctx, const Tensor& grad_output, const
     below_autograd.emplace();
   }
   auto [grad_input, grad_weight, grad_bias, grad_residual] =
-      backward_op.call(grad_output, output, input, std::optional<Tensor>(weight.defined() ? OptTensor(weight)
-                                                                                         : std::nullopt),
-                       mean, invstd, train, slope, ctx->saved_data["eps"].toDouble(), mask);
+      backward_op.call(grad_output, output, input, optional(weight), mean, invstd, train, slope,
+                       ctx->saved_data["eps"].toDouble(), mask);
   const Tensor dt = slope.has_value() ? grad_residual : grad_output;
   if (bias_alone) {
     grad_bias = grad_bias_alone(dt, static_cast<at::ScalarType>(bias_dtype));

@@ -60,12 +60,8 @@ def _step(module, x, z, dy):
     return y.detach(), grads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: one thread avoids OpenMP start-up and barrier costs that dominate here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -14,13 +14,8 @@ from resnets import SPELLINGS, bottleneck_resnet, resnet18
 MODELS = {"resnet18": (resnet18, 1 + 8 * 2), "bottleneck": (bottleneck_resnet, 1 + 8 * 3)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread avoids OpenMP start-up and barrier costs that dominate here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: one thread avoids OpenMP start-up and barrier costs that dominate here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fused(report):

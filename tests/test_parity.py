@@ -84,13 +84,8 @@ def _check_state(ours, ref, dtype, context):
         assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked), context
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP start-up costs that dominate here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Small tensors: one thread avoids OpenMP start-up and barrier costs that dominate here.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -153,6 +153,24 @@ def _backward_setup_context(ctx, inputs, output):
     ctx.train, ctx.eps, ctx.output_mask = train, eps, output_mask
 
 
+def _vector_jacobian(outputs, grad_grads, asked, inputs, needs, create_graph):
+    """Σ gg·∂output/∂input over the asked outputs, for each input that needs it (None where not).
+
+    The double backward of both backward ops: outputs were computed with grad
+    mode on from `inputs`; outputs that are absent, constant or met by an
+    empty gg contribute nothing.
+    """
+    pairs = [(out, gg) for out, gg, a in zip(outputs, grad_grads, asked)
+             if a and out is not None and out.requires_grad and gg is not None and gg.numel() > 0]
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    grads = [None] * len(wrt)
+    if pairs and wrt:
+        grads = torch.autograd.grad([out for out, _ in pairs], wrt, [gg for _, gg in pairs],
+                                    allow_unused=True, create_graph=create_graph)
+    grads = iter(grads)
+    return tuple(next(grads) if need else None for need in needs)
+
+
 def _double_backward(ctx, gg_input, gg_weight, gg_bias):
     """The derivative of batch_norm_backward with respect to grad_output, input and weight.
 
@@ -167,15 +185,9 @@ def _double_backward(ctx, gg_input, gg_weight, gg_bias):
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         outputs = _python.differentiable_backward(grad_output, input, weight, mean, invstd, ctx.train, ctx.eps)
-        pairs = [(out, gg) for out, gg, asked in zip(outputs, (gg_input, gg_weight, gg_bias), ctx.output_mask)
-                 if asked and out is not None and out.requires_grad and gg is not None and gg.numel() > 0]
-        wrt = [t for t, need in zip((grad_output, input, weight), needs) if need]
-        grads = [None] * len(wrt)
-        if pairs and wrt:
-            grads = torch.autograd.grad([out for out, _ in pairs], wrt, [gg for _, gg in pairs],
-                                        allow_unused=True, create_graph=create_graph)
-    grads = iter(grads)
-    return tuple(next(grads) if need else None for need in needs) + (None,) * 5
+        grads = _vector_jacobian(outputs, (gg_input, gg_weight, gg_bias), ctx.output_mask,
+                                 (grad_output, input, weight), needs, create_graph)
+    return grads + (None,) * 5
 
 
 # The two forward ops have their autograd kernels in C++ (csrc/autograd.cpp):
@@ -246,15 +258,8 @@ class _TrainForwardFunc(torch.autograd.Function):
     def forward(input, weight, bias, eps):
         return _ops.batch_norm_train_forward(input, weight, bias, eps)
 
-    @staticmethod
-    def setup_context(ctx, inputs, outputs):
-        input, weight, _bias, eps = inputs
-        _output, mean, invstd = outputs
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.save_for_forward(input, weight, mean, invstd)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, invstd)
-        ctx.set_materialize_grads(False)
+    # What it saves, and why, is the python backend's (the same tensors).
+    setup_context = staticmethod(_python._TrainForwardCore.setup_context)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
@@ -279,16 +284,9 @@ class _EvalForwardFunc(torch.autograd.Function):
     def forward(input, weight, bias, running_mean, running_var, eps):
         return _ops.batch_norm_eval_forward(input, weight, bias, running_mean, running_var, eps)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, _bias, running_mean, running_var, eps = inputs
-        # The statistics of this call as new tensors: a later update of the
-        # buffers leaves this output's gradient alone.
-        mean, invstd = _python._eval_statistics(input, running_mean, running_var, eps)
-        ctx.save_for_backward(input, weight, mean, invstd)
-        ctx.save_for_forward(input, weight, mean, invstd)
-        ctx.eps = eps
-        ctx.set_materialize_grads(False)  # jvp: None for inputs without a tangent
+    # The statistics of this call as new tensors, as the python backend saves
+    # them: a later update of the buffers leaves this output's gradient alone.
+    setup_context = staticmethod(_python._EvalForwardCore.setup_context)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -425,16 +423,9 @@ def _act_double_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
     with torch.enable_grad():
         dt = _python_act.activation_grad(grad_output.to(mean.dtype), out, ctx.slope)
         outputs = _python.differentiable_backward(dt, input, weight, mean, invstd, ctx.train, ctx.eps) + (dt,)
-        pairs = [(o, gg) for o, gg, asked in zip(outputs, (gg_input, gg_weight, gg_bias, gg_residual),
-                                                 ctx.output_mask)
-                 if asked and o is not None and o.requires_grad and gg is not None and gg.numel() > 0]
-        wrt = [t for t, need in zip((grad_output, input, weight), needs) if need]
-        grads = [None] * len(wrt)
-        if pairs and wrt:
-            grads = torch.autograd.grad([o for o, _ in pairs], wrt, [gg for _, gg in pairs],
-                                        allow_unused=True, create_graph=create_graph)
-    grads = iter(grads)
-    d_grad_output, d_input, d_weight = (next(grads) if need else None for need in needs)
+        d_grad_output, d_input, d_weight = _vector_jacobian(
+            outputs, (gg_input, gg_weight, gg_bias, gg_residual), ctx.output_mask, (grad_output, input, weight),
+            needs, create_graph)
     return (d_grad_output, None, d_input, d_weight) + (None,) * 6
 
 
