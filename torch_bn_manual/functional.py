@@ -18,6 +18,7 @@ from .backends import get_backend
 from .export import aten_eval_batch_norm, capturing_standalone_graph
 # nn's answer for an empty batch: an empty output still connected to weight and bias.
 from .scripting import empty_batch as _empty_batch
+from .scripting import verify_batch_size as _verify_batch_size
 
 __all__ = ["batch_norm", "check_batch_norm_inputs", "update_running_stats"]
 
@@ -29,16 +30,6 @@ _ATEN_DTYPE_NAMES = {
     torch.int64: "Long", torch.bool: "Bool", torch.complex64: "ComplexFloat",
     torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf",
 }
-
-
-def _verify_batch_size(input: Tensor) -> None:
-    """Training needs more than one value per channel to compute a variance."""
-    size = input.size()
-    values_per_channel = size[0]
-    for extent in size[2:]:
-        values_per_channel *= extent
-    if values_per_channel == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def _check_mixed_dtypes(input: Tensor, parameters) -> None:

@@ -139,12 +139,7 @@ class _BackendBatchNorm:
             running_mean = None
             running_var = None
         if use_batch_stats:
-            size = input.size()
-            values_per_channel = size[0]
-            for extent in size[2:]:
-                values_per_channel *= extent
-            if values_per_channel == 1:
-                raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+            scripting.verify_batch_size(input)
         momentum = torch.scalar_tensor(0.0 if self.momentum is None else self.momentum, dtype=torch.float64)
         counted = self.num_batches_tracked
         if self.training and self.track_running_stats and counted is not None:

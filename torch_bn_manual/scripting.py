@@ -58,6 +58,16 @@ def _per_channel(v: Tensor, x: Tensor) -> Tensor:
     return v.view(shape)
 
 
+def verify_batch_size(input: Tensor) -> None:
+    """Training needs more than one value per channel to compute a variance (eager and scripted)."""
+    size = input.size()
+    values_per_channel = size[0]
+    for extent in size[2:]:
+        values_per_channel *= extent
+    if values_per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
 def empty_batch(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """nn's answer for an empty batch: an empty output still connected to weight and bias (eager and scripted)."""
     output = input.clone()
