@@ -61,3 +61,16 @@ def test_gradcheck_can_fail(generator):
 
     x = randn((4, 3), generator, torch.float64).requires_grad_(True)
     assert not gradcheck(WrongBackward.apply, (x,), raise_exception=False)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_third_order_with_grad_output_from_the_output(backend, training, generator):
+    """d/dx of the gradient of Σ y³: grad_output = 3y² depends on x, so the double backward must
+    leave that path to the outer engine (partial derivatives only) and stay differentiable itself."""
+    function = _function(backend, training, 3, generator)
+    x, weight, bias = _inputs((4, 3, 2, 2), True, "contiguous", generator)
+
+    def gradient(x, weight):
+        return torch.autograd.grad(function(x, weight, bias).pow(3).sum(), (x, weight), create_graph=True)
+    assert gradcheck(gradient, (x, weight), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert gradgradcheck(gradient, (x, weight), eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -91,12 +91,8 @@ def test_scripting_leaves_the_eager_model_as_it_was(backend):
     assert type(model[1]) is bnm.BatchNorm2d and type(model[5]) is bnm.BatchNorm1d
 
 
-def test_scripted_double_backward(backend, generator, request):
+def test_scripted_double_backward(backend, generator):
     """create_graph=True through the scripted layer: second derivatives equal eager's."""
-    if backend == "cpp":
-        # Eager cpp fails this too ("backward through the graph a second time", from the
-        # second differentiation through ops._double_backward); strict, so a fix shows here.
-        request.applymarker(pytest.mark.xfail(raises=RuntimeError, strict=True))
     eager = bnm.BatchNorm2d(3, backend=backend).double()
     scripted = torch.jit.script(copy.deepcopy(eager))
     x = randn((4, 3, 3, 3), generator, dtype=torch.float64)

@@ -153,40 +153,54 @@ def _backward_setup_context(ctx, inputs, output):
     ctx.train, ctx.eps, ctx.output_mask = train, eps, output_mask
 
 
-def _vector_jacobian(outputs, grad_grads, asked, inputs, needs, create_graph):
-    """Σ gg·∂output/∂input over the asked outputs, for each input that needs it (None where not).
+def _vector_jacobian(function, primals, grad_grads, asked, needs, create_graph):
+    """Σ gg·∂output/∂primal over the asked outputs of function(*primals), for each primal that needs it.
 
-    The double backward of both backward ops: outputs were computed with grad
-    mode on from `inputs`; outputs that are absent, constant or met by an
-    empty gg contribute nothing.
+    The double backward of both backward ops. The derivatives are partial:
+    grad_output usually depends on the input itself (y³ → dy = 3y²), and that
+    path is the outer engine's to follow, so torch.func.vjp differentiates at
+    a level of its own instead of torch.autograd.grad walking (and freeing) the
+    primals' histories. With create_graph=True the results stay differentiable
+    in the primals. Outputs that are absent or met by an empty gg contribute
+    nothing; None where a primal is not needed or absent.
     """
-    pairs = [(out, gg) for out, gg, a in zip(outputs, grad_grads, asked)
-             if a and out is not None and out.requires_grad and gg is not None and gg.numel() > 0]
-    wrt = [t for t, need in zip(inputs, needs) if need]
-    grads = [None] * len(wrt)
-    if pairs and wrt:
-        grads = torch.autograd.grad([out for out, _ in pairs], wrt, [gg for _, gg in pairs],
-                                    allow_unused=True, create_graph=create_graph)
-    grads = iter(grads)
-    return tuple(next(grads) if need else None for need in needs)
+    wanted = [i for i, (p, need) in enumerate(zip(primals, needs)) if need and p is not None]
+    kept = [k for k, (gg, a) in enumerate(zip(grad_grads, asked)) if a and gg is not None and gg.numel() > 0]
+    if not wanted or not kept:
+        return (None,) * len(primals)
+
+    def asked_outputs(*free):
+        args = list(primals)
+        for i, value in zip(wanted, free):
+            args[i] = value
+        outputs = function(*args)
+        return tuple(outputs[k] if outputs[k] is not None else torch.zeros_like(grad_grads[k]) for k in kept)
+
+    with torch.enable_grad() if create_graph else torch.no_grad():
+        _, vjp = torch.func.vjp(asked_outputs, *(primals[i] for i in wanted))
+        grads = vjp(tuple(grad_grads[k] for k in kept))
+    result = [None] * len(primals)
+    for i, g in zip(wanted, grads):
+        result[i] = g
+    return tuple(result)
 
 
 def _double_backward(ctx, gg_input, gg_weight, gg_bias):
     """The derivative of batch_norm_backward with respect to grad_output, input and weight.
 
-    Autograd through _python.differentiable_backward, the same formula in
-    torch ops. In training it rebuilds the statistics from `input`, so their
-    dependence on the input is part of the derivative; save_mean and
+    The vector-Jacobian product of _python.differentiable_backward, the same
+    formula in torch ops. In training it rebuilds the statistics from `input`,
+    so their dependence on the input is part of the derivative; save_mean and
     save_invstd are constants for it (as outputs of the forward they carry no
     gradient). With create_graph=True the result is differentiable once more.
     """
     grad_output, input, weight, mean, invstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
-        outputs = _python.differentiable_backward(grad_output, input, weight, mean, invstd, ctx.train, ctx.eps)
-        grads = _vector_jacobian(outputs, (gg_input, gg_weight, gg_bias), ctx.output_mask,
-                                 (grad_output, input, weight), needs, create_graph)
+
+    def backward(grad_output, input, weight):
+        return _python.differentiable_backward(grad_output, input, weight, mean, invstd, ctx.train, ctx.eps)
+
+    grads = _vector_jacobian(backward, (grad_output, input, weight), (gg_input, gg_weight, gg_bias),
+                             ctx.output_mask, ctx.needs_input_grad[:3], torch.is_grad_enabled())
     return grads + (None,) * 5
 
 
@@ -413,19 +427,21 @@ def _act_backward_setup_context(ctx, inputs, output):
 def _act_double_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
     """The derivative of batch_norm_act_backward in grad_output, input and weight.
 
-    Autograd through the python backend's formula: dt = do·act'(o) with the
-    mask constant (away from the kink), then _python.differentiable_backward
-    of dt; dresidual = dt. The output o carries no derivative here.
+    The vector-Jacobian product of the python backend's formula: dt =
+    do·act'(o) with the mask constant (away from the kink), then
+    _python.differentiable_backward of dt; dresidual = dt. The output o
+    carries no derivative here.
     """
     grad_output, out, input, weight, mean, invstd = ctx.saved_tensors
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-    create_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
+
+    def backward(grad_output, input, weight):
         dt = _python_act.activation_grad(grad_output.to(mean.dtype), out, ctx.slope)
-        outputs = _python.differentiable_backward(dt, input, weight, mean, invstd, ctx.train, ctx.eps) + (dt,)
-        d_grad_output, d_input, d_weight = _vector_jacobian(
-            outputs, (gg_input, gg_weight, gg_bias, gg_residual), ctx.output_mask, (grad_output, input, weight),
-            needs, create_graph)
+        return _python.differentiable_backward(dt, input, weight, mean, invstd, ctx.train, ctx.eps) + (dt,)
+
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+    d_grad_output, d_input, d_weight = _vector_jacobian(
+        backward, (grad_output, input, weight), (gg_input, gg_weight, gg_bias, gg_residual), ctx.output_mask,
+        needs, torch.is_grad_enabled())
     return (d_grad_output, None, d_input, d_weight) + (None,) * 6
 
 
