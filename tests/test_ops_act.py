@@ -3,7 +3,7 @@
 Against the float64 reference (reference.batch_norm_act_*) on the same input
 values, on shapes that take every kernel path; the python backend's fused
 Function; opcheck; gradcheck/gradgradcheck through the ops; the dz written
-by the grad pass.
+by the first pass that reads dy.
 """
 import itertools
 
@@ -99,6 +99,23 @@ def test_backward_output_mask(mask, gen):
             assert torch.equal(a, f)
         else:
             assert a.numel() == 0
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", layout_cases(SHAPES, [torch.float32]), ids=case_id)
+def test_residual_gradient_written_once(case, train, gen):
+    """dz = dy·act'(o) to the bit, whichever pass writes it (the sums, then a plain grad pass of dz;
+    or the grad pass), and dx, dw, db the same bits as when dz is not asked for."""
+    shape, dtype, name = case
+    for slope in (0.0, 0.3):
+        x, z, dy, w, b = _inputs(shape, dtype, name, gen, True)
+        y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, slope, EPS)
+        for mask in ([True, True, True], [True, False, False], [False, True, True], [False, False, False]):
+            with_dz = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, train, slope, EPS, mask + [True])
+            without = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, train, slope, EPS, mask + [False])
+            assert torch.equal(with_dz[3], torch.where(y > 0, dy, dy * slope)), f"slope {slope} mask {mask}"
+            for asked, a, e in zip(mask, with_dz[:3], without[:3]):
+                assert torch.equal(a, e) if asked else a.numel() == 0 == e.numel()
 
 
 @pytest.mark.parametrize("name", ["contiguous", "channels_last"])

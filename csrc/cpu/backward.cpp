@@ -146,6 +146,12 @@ inline NoHook reader(const NoHook& p) { return p; }
 template <typename T>
 ActGrad<T> reader(const ActGrad<T>& p) { return p.without_sink(); }
 
+// Where the prologue writes dt (the residual's gradient); nullptr: nowhere.
+template <typename T>
+T* dt_sink(const NoHook&) { return nullptr; }
+template <typename T>
+T* dt_sink(const ActGrad<T>& p) { return p.dz; }
+
 template <typename op_t>
 struct GradCoefs {
   std::vector<op_t> a, k, cst, mh;
@@ -196,18 +202,22 @@ struct BackwardArgs {
 
 // The training backward of an NCL input with whole channels per thread:
 // sums, then grad_input of the channel while its values are still in cache.
-// p: the prologue of the grad pass; its sums read dy through p without its sink.
+// p: the prologue. Its sums read dy through it; where it has a sink (the
+// residual's gradient is asked), they also write dt there and the grad pass
+// reads dt back as plain batch norm, else the grad pass reads dy through it.
 template <typename T, typename P>
 void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const BackwardArgs& a,
                         std::vector<SumPair>& sums, const P& p) {
   using op_t = opmath_t<T>;
   const int64_t C = v.C, L = v.L;
   const double count = static_cast<double>(v.M());
+  const T* dt = dt_sink<T>(p);
   with_streaming(pass_bytes(v, 3 + p.tensors(), sizeof(T)), [&](auto stream) {
     constexpr bool S = decltype(stream)::value;
     at::parallel_for(0, C, grain_for(v.M()), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        SumPair s = ncl_channel_sums(x, dy, v, c, a.mean[c], reader(p));
+        SumPair s = dt != nullptr ? ncl_channel_sums(x, dy, v, c, a.mean[c], p)
+                                  : ncl_channel_sums(x, dy, v, c, a.mean[c], reader(p));
         s.dy = round_to(s.dy, a.sdt);
         s.dyx = round_to(s.dyx, a.sdt);
         sums[c] = s;
@@ -215,7 +225,11 @@ void fused_ncl_backward(const T* dy, const T* x, T* dx, const View& v, const Bac
         // Last runs first: they are the ones still in cache.
         for (int64_t n = v.N; n-- > 0;) {
           const int64_t off = (n * C + c) * L;
-          grad_run<S>(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh, p.at(off));
+          if (dt != nullptr) {
+            grad_run<S>(dt + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh);
+          } else {
+            grad_run<S>(dy + off, x + off, dx + off, L, g.a, g.k, g.cst, g.mh, p.at(off));
+          }
         }
       }
       stream_fence();
@@ -238,13 +252,16 @@ void sums_rounded(const T* x, const T* dy, const View& v, const std::vector<doub
 namespace {
 
 // What the fused backward adds before the batch norm backward: dt = dy·act'(o)
-// from the forward's output o (dense like the input), and dz = dt written by
-// the grad pass when asked. Off: plain batch norm.
+// from the forward's output o (dense like the input), and dz = dt when asked.
+// dz is written by the first pass that reads dy: the sums, which then leave
+// the grad pass a plain batch norm backward of dz (reading dz and x, not dy,
+// o and x: one tensor less), or else the grad pass. Off: plain batch norm.
 struct ActBackward {
   at::Tensor output;
   double slope = 0.0;
   at::Tensor grad_residual;  // undefined: not asked for
   bool on = false;
+  mutable bool dz_written = false;  // set by backward_with
 };
 
 // Calls k(prologue): NoHook for plain batch norm, ActGrad otherwise.
@@ -289,12 +306,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_with(const char* op, con
       const scalar_t* gp = dy.const_data_ptr<scalar_t>();
       scalar_t* dxp = need_gi ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
       with_prologue<scalar_t>(act, [&](const auto& p) {
+        const scalar_t* dt = dt_sink<scalar_t>(p);
+        act.dz_written = dt != nullptr;
         if (train && need_gi && !v.nlc && ncl_by_channel(v)) {
           fused_ncl_backward(gp, xp, dxp, v, a, sums, p);
           return;
         }
         if (need_sums) {
-          sums_rounded(xp, gp, v, a.mean, a.sdt, sums, reader(p));
+          if (dt != nullptr) {
+            sums_rounded(xp, gp, v, a.mean, a.sdt, sums, p);
+          } else {
+            sums_rounded(xp, gp, v, a.mean, a.sdt, sums, reader(p));
+          }
         }
         if (need_gi) {
           GradCoefs<op_t> g(C);
@@ -302,7 +325,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_with(const char* op, con
           for (int64_t c = 0; c < C; ++c) {
             g.set(c, grad_coef<op_t>(a.mean[c], a.invstd[c], a.w[c], sums[c].dy, sums[c].dyx, count, train));
           }
-          grad_input_pass(gp, xp, dxp, v, g, train, p);
+          if (need_sums && dt != nullptr) {
+            grad_input_pass(dt, xp, dxp, v, g, train, NoHook{});
+          } else {
+            grad_input_pass(gp, xp, dxp, v, g, train, p);
+          }
         }
       });
     });
@@ -367,8 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
     act.grad_residual = empty_like_dense(d, input.scalar_type());
   }
   auto [gi, gw, gb] = backward_with(op, d, dy, weight, save_mean, save_invstd, train, bn_mask, act);
-  if (output_mask[3] && !(output_mask[0] && d.v.M() > 0)) {
-    // No grad pass ran to write dz: dt on its own.
+  if (output_mask[3] && !act.dz_written) {
+    // No pass ran to write dz: dt on its own.
     const at::Tensor positive = act.output.gt(0);
     act.grad_residual.copy_(at::where(positive, dy, dy * *negative_slope));
   }
