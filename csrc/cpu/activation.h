@@ -1,7 +1,8 @@
 // The hooks of the fused layers (loops.h: NoHook is the plain pass):
 //   AddAct   epilogue of the normalize pass:  o = act(y + z)
 //   ActGrad  prologue of the backward passes: dt = dy·act'(o), optionally
-//            also written to dz (the residual's gradient) by the grad pass
+//            also written to dz (the residual's gradient) by the first pass
+//            that reads dy (backward.cpp: ActBackward)
 // act(t) = t for t > 0, slope·t otherwise (relu: slope 0); act' is read from
 // the output o, whose sign is t's for slope >= 0 (docs/derivation.md, 10).
 // Both are applied to values already in registers: no pass of their own.
@@ -46,7 +47,7 @@ struct ActGrad {
   using V = typename IO::Vec;
   const T* out = nullptr;  // the forward's output o
   op_t slope = 0;
-  T* dz = nullptr;         // where dt goes as well (grad pass only); nullptr: nowhere
+  T* dz = nullptr;         // where dt goes as well; nullptr: nowhere
 
   V vec(const V& g, int64_t i) const {
     const V dt = V::blendv(g * V(slope), g, IO::load(out + i) > V(op_t(0)));
