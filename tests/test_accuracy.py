@@ -43,3 +43,29 @@ def test_nn_misses_the_bar_where_we_meet_it(generator):
     y_nn = torch.nn.functional.batch_norm(x, None, None, training=True)
     y_exact, _ = _exact(x, torch.ones(6), torch.zeros(6), torch.ones_like(x), 1e-5)
     assert (y_nn.double() - y_exact).abs().max().item() > 100 * BAR
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_fused_large_offset_float32(backend, offset, layout, activation, generator):
+    """The fused layer meets the same bar: y, dx and the residual's gradient within 1e-5 of float64
+    math. The reference takes act' from our output, so a value that rounds to the other side of
+    the kink (a different but equally valid activation pattern) does not count as error."""
+    shape = (8, 6, 12, 10)
+    x = in_layout(randn(shape, generator, torch.float32, 1.0, offset), layout).requires_grad_(True)
+    z = in_layout(randn(shape, generator, torch.float32), layout).requires_grad_(True)
+    weight = randn(6, generator, torch.float32, 0.1, 1.0)
+    bias = randn(6, generator, torch.float32)
+    dy = in_layout(randn(shape, generator, torch.float32), layout)
+    y = bnm.batch_norm_act(x, None, None, weight, bias, True, eps=1e-5, residual=z, activation=activation,
+                           negative_slope=0.1, backend=backend)
+    dx, dz = torch.autograd.grad(y, (x, z), dy)
+    y_exact, cache = reference.batch_norm_act_forward(x.detach().double().numpy(), weight.double().numpy(),
+                                                      bias.double().numpy(), 1e-5, z.detach().double().numpy(),
+                                                      activation, 0.1)
+    cache["y"] = y.detach().double().numpy()
+    dx_exact, _, _, dz_exact = reference.batch_norm_act_backward(dy.double().numpy(), cache)
+    errors = {name: (a.double() - torch.from_numpy(e)).abs().max().item()
+              for name, a, e in (("y", y, y_exact), ("dx", dx, dx_exact), ("dz", dz, dz_exact))}
+    assert max(errors.values()) <= BAR, errors
