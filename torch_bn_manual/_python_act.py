@@ -27,15 +27,10 @@ from torch import Tensor
 from . import _func
 from ._python import (_backward_sums, _batch_stats, _count, _eval_statistics, _grad_input, _per_channel,
                       differentiable_backward, suggest_memory_format)
+# act(t), defined once for eager and TorchScript.
+from .scripting import activate
 
 __all__ = ["act_train_forward", "act_eval_forward", "activate", "activation_grad", "activation_tangent"]
-
-
-def activate(t: Tensor, slope: Optional[float]) -> Tensor:
-    """act(t): t where t > 0, slope·t elsewhere (NaN stays NaN); t itself for identity."""
-    if slope is None:
-        return t
-    return torch.where(t > 0, t, t * slope)
 
 
 def activation_grad(grad_output: Tensor, output: Optional[Tensor], slope: Optional[float]) -> Tensor:

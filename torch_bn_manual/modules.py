@@ -92,7 +92,7 @@ class _BackendBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input)
+            return self._scripted_forward(input, None, None, False)
         return self._eager_forward(input)
 
     @torch.jit.unused
@@ -129,8 +129,13 @@ class _BackendBatchNorm:
         self._script_uses_ops = self._script_ops_on_cpu or self._script_ops_on_cuda
         return self
 
-    def _scripted_forward(self, input: Tensor) -> Tensor:
-        """forward() for torch.jit.script: the eager path's decisions, written in TorchScript."""
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor], slope: Optional[float],
+                          fused: bool) -> Tensor:
+        """forward() for torch.jit.script: the eager path's decisions, written in TorchScript.
+
+        The fused layers (activation.py) call it with their residual, their
+        activation's slope (None: identity) and fused=True.
+        """
         self._check_input_dim(input)
         running_mean = self.running_mean
         running_var = self.running_var
@@ -140,6 +145,8 @@ class _BackendBatchNorm:
             running_var = None
         if use_batch_stats:
             scripting.verify_batch_size(input)
+        if residual is not None:
+            scripting.check_residual(residual, input)
         momentum = torch.scalar_tensor(0.0 if self.momentum is None else self.momentum, dtype=torch.float64)
         counted = self.num_batches_tracked
         if self.training and self.track_running_stats and counted is not None:
@@ -149,15 +156,18 @@ class _BackendBatchNorm:
         weight = self.weight
         bias = self.bias
         if input.numel() == 0:
-            return scripting.empty_batch(input, weight, bias)
+            output = scripting.empty_batch(input, weight, bias)
+            if residual is not None:
+                output = output + residual
+            return scripting.activate(output, slope)
         if weight is None and bias is not None:
             weight = torch.ones_like(bias)
         if self._script_uses_ops:
             if (self._script_ops_on_cuda if input.is_cuda else self._script_ops_on_cpu):
                 return scripting.ops_forward(input, running_mean, running_var, weight, bias, use_batch_stats,
-                                             momentum, self.eps)
+                                             momentum, self.eps, residual, slope, fused)
         return scripting.python_forward(input, running_mean, running_var, weight, bias, use_batch_stats,
-                                        momentum, self.eps)
+                                        momentum, self.eps, residual, slope)
 
 
 def _nn_options(bias: bool) -> dict:
