@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import _python, _python_act, functional, scripting
 from .backends import compiled_available, get_backend
+from .export import aten_eval_batch_norm, capturing_standalone_graph
 from .modules import _BackendBatchNorm
 from .reference import ACTIVATIONS, activation_slope
 
@@ -30,6 +31,13 @@ def _check_residual(residual: Optional[Tensor], input: Tensor) -> None:
         return
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a Tensor or None, but got {type(residual).__name__}")
+    if torch.jit.is_tracing():
+        # Sizes are traced values under torch.jit.trace; this check is not part of
+        # the traced computation (the graph holds only the add), so its reading them is harmless.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            scripting.check_residual(residual, input)
+        return
     scripting.check_residual(residual, input)
 
 
@@ -94,10 +102,15 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     (and F.batch_norm). `residual` is None or a tensor of the input's shape,
     dtype and device. `activation` is "identity", "relu" or "leaky_relu"
     (with `negative_slope` >= 0, as the backward reads the activation's
-    derivative from the output's sign).
+    derivative from the output's sign). In eval mode under torch.export,
+    torch.jit.trace or ONNX export, this is ATen's batch norm, add and
+    relu/leaky_relu (export.py).
     """
-    functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, training, eps)
     slope = activation_slope(activation, negative_slope)
+    if not training and capturing_standalone_graph():
+        _check_residual(residual, input)
+        return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, eps, residual, slope)
+    functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, training, eps)
     _check_residual(residual, input)
     return _batch_norm_act_checked(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                    residual, slope, backend)
@@ -106,8 +119,10 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
 class _BackendBatchNormAct(_BackendBatchNorm):
     """What the fused classes add to the plain ones: an activation and a residual input.
 
-    Under torch.jit.script they run the plain layers' scripted forward
-    (modules.py), with their residual and activation.
+    Beyond eager mode the fused layers take the plain ones' routes
+    (modules.py): ATen ops (batch norm, add, relu/leaky_relu) for eval mode
+    under torch.export, torch.jit.trace and ONNX export, and the shared
+    scripted forward under torch.jit.script.
     """
 
     # The activation's slope as the scripted forward sees it (a constant, set
@@ -134,8 +149,12 @@ class _BackendBatchNormAct(_BackendBatchNorm):
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
         weight, bias = self.weight, self.bias
-        functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         slope = activation_slope(self.activation, self.negative_slope)
+        if not use_batch_stats and capturing_standalone_graph():
+            # torch.export / jit.trace / ONNX: a graph of ATen ops, loadable without this package.
+            _check_residual(residual, input)
+            return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, self.eps, residual, slope)
+        functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         _check_residual(residual, input)
         factor = self._momentum_after_counting()  # only after every check passed
         return _batch_norm_act_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
