@@ -15,11 +15,12 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import _python, _python_act, functional, scripting
 from .backends import compiled_available, get_backend
 from .export import aten_eval_batch_norm, capturing_standalone_graph
-from .modules import _BackendBatchNorm
+from .modules import _BackendBatchNorm, _record_as_leaf
 from .reference import ACTIVATIONS, activation_slope
 
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "ACTIVATIONS"]
@@ -104,8 +105,14 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     (with `negative_slope` >= 0, as the backward reads the activation's
     derivative from the output's sign). In eval mode under torch.export,
     torch.jit.trace or ONNX export, this is ATen's batch norm, add and
-    relu/leaky_relu (export.py).
+    relu/leaky_relu (export.py); under torch.fx.symbolic_trace, one
+    call_function node.
     """
+    if isinstance(input, Proxy) or isinstance(residual, Proxy):
+        return functional.record_call(batch_norm_act, (input, running_mean, running_var, weight, bias, training,
+                                                       momentum, eps),
+                                      dict(residual=residual, activation=activation, negative_slope=negative_slope,
+                                           backend=backend))
     slope = activation_slope(activation, negative_slope)
     if not training and capturing_standalone_graph():
         _check_residual(residual, input)
@@ -120,9 +127,9 @@ class _BackendBatchNormAct(_BackendBatchNorm):
     """What the fused classes add to the plain ones: an activation and a residual input.
 
     Beyond eager mode the fused layers take the plain ones' routes
-    (modules.py): ATen ops (batch norm, add, relu/leaky_relu) for eval mode
-    under torch.export, torch.jit.trace and ONNX export, and the shared
-    scripted forward under torch.jit.script.
+    (modules.py): a call_module leaf under torch.fx, ATen ops (batch norm,
+    add, relu/leaky_relu) for eval mode under torch.export, torch.jit.trace
+    and ONNX export, and the shared scripted forward under torch.jit.script.
     """
 
     # The activation's slope as the scripted forward sees it (a constant, set
@@ -146,6 +153,10 @@ class _BackendBatchNormAct(_BackendBatchNorm):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, Proxy) or isinstance(residual, Proxy):  # torch.fx.symbolic_trace
+            recorded = _record_as_leaf(self, input, residual)
+            if recorded is not None:
+                return recorded
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
         weight, bias = self.weight, self.bias

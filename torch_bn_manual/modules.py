@@ -27,21 +27,24 @@ from .export import aten_eval_batch_norm, capturing_standalone_graph
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm"]
 
 
-def _record_as_leaf(module: nn.Module, input: Proxy) -> Optional[Proxy]:
-    """Record `module(input)` as a call_module node of the FX graph being traced.
+def _record_as_leaf(module: nn.Module, *args) -> Optional[Proxy]:
+    """Record `module(*args)` as a call_module node of the FX graph being traced (an argument is a Proxy).
 
     torch.fx's default Tracer keeps torch.nn's modules as leaves because of
     the module they are defined in; ours live in this package, so a Tracer
     traces into forward(), where the input checks would need a real tensor.
     Recording the call here gives the graph nn's batch norm gets, for any
     Tracer. None when the module is the root being traced (it has no path to
-    call; nn's batch norm cannot be traced as the root either).
+    call; nn's batch norm cannot be traced as the root either). The fused
+    layers record (input, residual) when a residual is given.
     """
-    tracer = input.tracer
+    tracer = next(arg.tracer for arg in args if isinstance(arg, Proxy))
     path = tracer.path_of_module(module)
     if not path:
         return None
-    return tracer.create_proxy("call_module", path, (input,), {})
+    while args and args[-1] is None:  # module(x), not module(x, None): the call as it was written
+        args = args[:-1]
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 class _BackendBatchNorm:
