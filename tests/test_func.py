@@ -8,6 +8,8 @@ that carry a tangent in eval). The same for the fused layers
 (BatchNormAct*d, bnm.batch_norm_act) against nn's batch norm, + residual,
 relu / leaky_relu / identity, the residual transformed too.
 """
+import warnings
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -387,3 +389,17 @@ def test_plain_eager_keeps_the_compiled_fused_autograd_nodes():
     with fwAD.dual_level():
         y = layer(fwAD.make_dual(x.detach(), torch.randn_like(x)), z)
         assert fwAD.unpack_dual(y).tangent is not None
+
+
+@pytest.mark.parametrize("activation, slope", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_fused_backward_under_vmap_without_graph(backend, activation, slope):
+    """jacrev under no_grad: the first-order backward runs under vmap (the compiled one has a batching rule)."""
+    for training in (True, False):
+        ours, ref, shape = fused_pair("2d", backend, training, activation, slope, track_running_stats=not training)
+        x, z = fresh(shape, 0.5), fresh(shape)
+        results = []
+        for module in (ours, ref):
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("error")  # e.g. functorch's "performance drop" of a missing batching rule
+                results.append(jacrev(lambda inp, res, module=module: module(inp, res), argnums=(0, 1))(x, z))
+        assert_close(results[0], results[1])

@@ -101,7 +101,8 @@ def channel_fold_rule(op, full: Sequence[int], per_channel: Sequence[int],
         outs = [result] if single else list(result)
         dims: List[Optional[int]] = [None] * len(outs)
         for i in full_outputs:
-            outs[i], dims[i] = unfold_input(outs[i], batch), 1
+            if outs[i].dim() > 1:  # not an empty (0,) placeholder for an output not asked for
+                outs[i], dims[i] = unfold_input(outs[i], batch), 1
         for i in channel_outputs:
             outs[i] = unfold_channels(outs[i], batch)
             dims[i] = 0 if outs[i].numel() else None

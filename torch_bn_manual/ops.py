@@ -433,6 +433,12 @@ def _act_double_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
 torch.library.register_autograd(_LIB + "batch_norm_act_backward", _act_double_backward,
                                 setup_context=_act_backward_setup_context)
 
+# As batch_norm_backward's: for a first-order backward computed under vmap
+# (the torch.func path's backward when no graph of it is built, e.g. jacrev under no_grad).
+torch.library.register_vmap(_LIB + "batch_norm_act_backward", _func.channel_fold_rule(
+    _ops.batch_norm_act_backward, full=(0, 1, 2), per_channel=(3, 4, 5), full_outputs=(0, 3),
+    channel_outputs=(1, 2)))
+
 
 # torch.func and forward-mode AD for the fused ops: as _TrainForwardFunc and
 # _EvalForwardFunc above, with the python backend's setup_context (the same
