@@ -8,8 +8,9 @@ batch_norm computes from the same running statistics, so while such a
 capture is running, eval mode calls torch.nn.functional.batch_norm: the graph
 then holds `aten.batch_norm` / `aten._native_batch_norm_legit_no_training`,
 which every runtime knows (ONNX: a BatchNormalization node, or folded into
-the preceding Conv). The fused layers (activation.py) add `aten.add` for the
-residual and `aten.relu` / `aten.leaky_relu` (ONNX: Add, Relu, LeakyRelu). Training mode keeps this package's ops: a training-mode
+the preceding Conv). The fused layers (activation.py) add `aten.add` for
+the residual and `aten.relu` / `aten.leaky_relu` (ONNX: Add, Relu,
+LeakyRelu). Training mode keeps this package's ops: a training-mode
 graph needs torch_bn_manual where it is loaded.
 
 torch.compile is not a capture for deployment (it runs in this process), so
