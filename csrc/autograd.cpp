@@ -107,18 +107,10 @@ struct EvalForward : public torch::autograd::Function<EvalForward> {
     static const auto op = find_op<EvalForwardSig>("torch_bn_manual::batch_norm_eval_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor output = op.call(input, weight, bias, running_mean, running_var, eps);
-    // The statistics this forward used, as the backward needs them: the mean
-    // and invstd in the statistics dtype, computed here (2·C values). Saving
-    // the buffers themselves would tie the gradient to their later values: a
-    // training step in between updates them in place, and the backward would
-    // then either fail (autograd's version check) or, as torch.nn does, use
-    // statistics this output was never computed with. This node exists only
-    // when a gradient is needed (eval_forward_autograd).
-    // (Below autograd no op may hand back its input, so no to() that could be a no-op.)
-    const auto sdt = stats_dtype(input.scalar_type());
-    const Tensor mean = running_mean.to(sdt, /*non_blocking=*/false, /*copy=*/true);
-    const Tensor var = running_var.scalar_type() == sdt ? running_var : running_var.to(sdt);
-    const Tensor invstd = (var + eps).rsqrt();
+    // The statistics this forward used, not the buffers (autograd_common.h,
+    // eval_statistics). This node exists only when a gradient is needed
+    // (eval_forward_autograd).
+    const auto [mean, invstd] = eval_statistics(input.scalar_type(), running_mean, running_var, eps);
     ctx->save_for_backward({input, weight.value_or(Tensor()), mean, invstd});
     save_arguments(ctx, bias, eps);
     return {output};
@@ -136,10 +128,6 @@ std::tuple<Tensor, Tensor, Tensor> train_forward_autograd(const Tensor& input, c
                                                           const OptTensor& bias, double eps) {
   const variable_list out = TrainForward::apply(input, weight, bias, eps);
   return {out[0], out[1], out[2]};
-}
-
-bool requires_grad(const OptTensor& t) {
-  return present(t) && t->requires_grad();
 }
 
 Tensor eval_forward_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,

@@ -125,20 +125,19 @@ struct ActEvalForward : public torch::autograd::Function<ActEvalForward> {
     static const auto op = find_op<ActEvalSig>("torch_bn_manual::batch_norm_act_eval_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor output = op.call(input, weight, bias, residual, running_mean, running_var, slope, eps);
-    // As csrc/autograd.cpp: the running statistics themselves (version-checked).
-    save_tensors(ctx, input, weight, running_mean, running_var, output, slope);
+    // As csrc/autograd.cpp: the statistics this forward used, not the buffers,
+    // so that a training step before the backward changes nothing here
+    // (autograd_common.h, eval_statistics). This node exists only when a
+    // gradient is needed (act_eval_forward_autograd).
+    const auto [mean, invstd] = eval_statistics(input.scalar_type(), running_mean, running_var, eps);
+    save_tensors(ctx, input, weight, mean, invstd, output, slope);
     save_arguments(ctx, bias, residual, slope, eps);
     return {output};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor& input = saved[0];
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const auto sdt = stats_dtype(input.scalar_type());
-    const Tensor mean = saved[2].detach().to(sdt);
-    const Tensor invstd = (saved[3].detach().to(sdt) + eps).rsqrt();
-    variable_list out = backward_of(ctx, grads[0], input, saved[1], mean, invstd, saved[4], false);
+    variable_list out = backward_of(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], false);
     out.resize(8);  // running_mean, running_var, slope, eps
     return out;
   }
@@ -154,6 +153,13 @@ std::tuple<Tensor, Tensor, Tensor> act_train_forward_autograd(const Tensor& inpu
 Tensor act_eval_forward_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                  const OptTensor& residual, const Tensor& running_mean, const Tensor& running_var,
                                  OptDouble slope, double eps) {
+  // No gradient wanted: the kernel alone, without a node and without the statistics' copies.
+  if (!c10::GradMode::is_enabled() ||
+      !(input.requires_grad() || requires_grad(weight) || requires_grad(bias) || requires_grad(residual))) {
+    static const auto op = find_op<ActEvalSig>("torch_bn_manual::batch_norm_act_eval_forward");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(input, weight, bias, residual, running_mean, running_var, slope, eps);
+  }
   return ActEvalForward::apply(input, weight, bias, residual, running_mean, running_var, slope, eps)[0];
 }
 

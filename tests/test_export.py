@@ -1,4 +1,8 @@
-"""torch.export and torch.jit.trace of eval models: standard ATen ops, loadable without this package."""
+"""torch.export and torch.jit.trace of eval models: standard ATen ops, loadable without this package.
+
+For the plain layers and for the fused ones (BatchNormAct*d, bnm.batch_norm_act),
+whose eval mode becomes ATen's batch norm, add and relu / leaky_relu.
+"""
 import copy
 import subprocess
 import sys
@@ -10,7 +14,7 @@ import torch
 from torch import nn
 
 import torch_bn_manual as bnm
-from torch_bn_manual import functional, modules
+from torch_bn_manual import activation, functional, modules
 
 from helpers import randn, rel_err
 
@@ -27,6 +31,42 @@ def _model(backend, generator):
     for _ in range(3):  # running statistics away from their initial values
         model(randn((8, 3, 6, 6), generator, offset=1.0))
     return model.eval()
+
+
+class _FusedNet(nn.Module):
+    """Conv -> BNAct2d (relu); Conv -> BNAct2d (leaky_relu, + residual); Linear -> BNAct1d (identity, no affine)."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3, padding=1)
+        self.bn1 = bnm.BatchNormAct2d(6, backend=backend)
+        self.bn2 = bnm.BatchNormAct2d(6, momentum=None, activation="leaky_relu", negative_slope=0.1, backend=backend)
+        self.fc = nn.Linear(6 * 4 * 4, 8)
+        self.bn3 = bnm.BatchNormAct1d(8, affine=False, activation="identity", backend=backend)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x))
+        h = self.bn2(self.conv2(h), residual=h)
+        return self.bn3(self.fc(h.flatten(1)))
+
+
+def _fused_model(backend, generator):
+    model = _FusedNet(backend)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(randn(p.shape, generator, scale=0.5))
+    for _ in range(3):  # running statistics away from their initial values
+        model(randn((8, 3, 6, 6), generator, offset=1.0))
+    return model.eval()
+
+
+MODELS = {"plain": _model, "fused": _fused_model}
+# What each model's eval graph holds: (torch.export target prefix, jit.trace kind) -> count.
+GRAPH_COUNTS = {
+    "plain": {("aten.batch_norm", "aten::batch_norm"): 3},
+    "fused": {("aten.batch_norm", "aten::batch_norm"): 3, ("aten.relu", "aten::relu"): 1,
+              ("aten.leaky_relu", "aten::leaky_relu"): 1, ("aten.add", "aten::add"): 1},
+}
 
 
 def _call_targets(graph_module):
@@ -52,22 +92,26 @@ _LOADER = textwrap.dedent("""
 
 
 @pytest.mark.slow  # a fresh python process importing torch
-def test_eval_artifacts_load_and_run_without_the_package(backend, generator, tmp_path):
-    model = _model(backend, generator)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_eval_artifacts_load_and_run_without_the_package(backend, name, generator, tmp_path):
+    model = MODELS[name](backend, generator)
     x = randn((5, 3, 6, 6), generator, offset=0.5)
     expected = model(x).detach()
 
     exported = torch.export.export(model, (x,))
     targets = _call_targets(exported.graph_module)
     assert not any("torch_bn_manual" in t for t in targets), targets
-    assert sum("batch_norm" in t for t in targets) == 3, targets
+    for (prefix, _), count in GRAPH_COUNTS[name].items():
+        assert sum(t.startswith(prefix + ".") for t in targets) == count, (prefix, targets)
     torch.export.save(exported, str(tmp_path / "model.pt2"))
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", torch.jit.TracerWarning)  # nothing input-dependent is frozen
         traced = torch.jit.trace(model, (x,))
     assert "torch_bn_manual::" not in str(traced.inlined_graph)
-    assert str(traced.inlined_graph).count("aten::batch_norm") == 3
+    kinds = [node.kind() for node in traced.inlined_graph.nodes()]
+    for (_, kind), count in GRAPH_COUNTS[name].items():
+        assert kinds.count(kind) == count, (kind, kinds)
     torch.jit.save(traced, str(tmp_path / "model.ts"))
     torch.save(x, tmp_path / "x.pt")
 
@@ -78,12 +122,13 @@ def test_eval_artifacts_load_and_run_without_the_package(backend, generator, tmp
         assert rel_err(output, expected) < 1e-5, name
 
 
-def test_export_follows_the_model_and_leaves_eager_alone(backend, generator, monkeypatch):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_follows_the_model_and_leaves_eager_alone(backend, name, generator, monkeypatch):
     """In-process: the exported program equals eager on fresh inputs; eager eval never takes the ATen route."""
-    model = _model(backend, generator)
+    model = MODELS[name](backend, generator)
     batch = torch.export.Dim("batch")
     program = torch.export.export(model, (randn((2, 3, 6, 6), generator),),
-                                  dynamic_shapes={"input": {0: batch}}).module()
+                                  dynamic_shapes=({0: batch},)).module()
     x = randn((7, 3, 6, 6), generator, scale=2.0, offset=-1.0)
 
     def no_aten(*args):
@@ -91,6 +136,7 @@ def test_export_follows_the_model_and_leaves_eager_alone(backend, generator, mon
 
     monkeypatch.setattr(functional, "aten_eval_batch_norm", no_aten)
     monkeypatch.setattr(modules, "aten_eval_batch_norm", no_aten)
+    monkeypatch.setattr(activation, "aten_eval_batch_norm", no_aten)
     expected = model(x)
     assert rel_err(program(x), expected) < 1e-5
 
@@ -102,6 +148,9 @@ def test_training_mode_export_keeps_our_ops(generator):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), bnm.BatchNorm2d(4, backend="cpp")).train()
     exported = torch.export.export(copy.deepcopy(model), (randn((4, 3, 5, 5), generator),))
     assert any("torch_bn_manual.batch_norm_train_forward" in t for t in _call_targets(exported.graph_module))
+    fused = nn.Sequential(nn.Conv2d(3, 4, 1), bnm.BatchNormAct2d(4, backend="cpp")).train()
+    exported = torch.export.export(copy.deepcopy(fused), (randn((4, 3, 5, 5), generator),))
+    assert any("torch_bn_manual.batch_norm_act_train_forward" in t for t in _call_targets(exported.graph_module))
 
 
 class _FunctionalNet(nn.Module):
@@ -118,20 +167,42 @@ class _FunctionalNet(nn.Module):
         return bnm.batch_norm(x, self.mean, self.var, self.weight, None, False, backend=self.backend)
 
 
-def test_functional_eval_exports_to_aten(backend, generator):
-    model = _FunctionalNet(backend)
+class _FunctionalActNet(_FunctionalNet):
+    """A model that calls bnm.batch_norm_act itself, with a residual."""
+
+    def forward(self, x):
+        return bnm.batch_norm_act(x, self.mean, self.var, self.weight, None, False, residual=x.flip(0),
+                                  activation="leaky_relu", negative_slope=0.2, backend=self.backend)
+
+
+@pytest.mark.parametrize("net, expected", [(_FunctionalNet, ["batch_norm"]),
+                                           (_FunctionalActNet, ["batch_norm", "add", "leaky_relu"])],
+                         ids=["plain", "fused"])
+def test_functional_eval_exports_to_aten(backend, net, expected, generator):
+    model = net(backend)
     x = randn((3, 4, 5), generator)
     exported = torch.export.export(model, (x,))
     targets = _call_targets(exported.graph_module)
-    assert not any("torch_bn_manual" in t for t in targets) and any("batch_norm" in t for t in targets), targets
+    assert not any("torch_bn_manual" in t for t in targets), targets
+    assert all(any(t.startswith(f"aten.{op}.") for t in targets) for op in expected), targets
     assert rel_err(exported.module()(x), model(x)) < 1e-5
 
 
-def test_strict_export_too(backend, generator):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_strict_export_too(backend, name, generator):
     """torch.export's strict (dynamo) mode sees the same flag."""
-    model = _model(backend, generator)
+    model = MODELS[name](backend, generator)
     x = randn((5, 3, 6, 6), generator)
     exported = torch.export.export(model, (x,), strict=True)
     targets = _call_targets(exported.graph_module)
     assert not any("torch_bn_manual" in t for t in targets), targets
     assert rel_err(exported.module()(x), model(x)) < 1e-5
+
+
+def test_fused_capture_keeps_the_residual_check(backend, generator):
+    """A residual of another shape is refused while capturing too (ATen's add would broadcast it)."""
+    layer = bnm.BatchNormAct2d(3, backend=backend).eval()
+    x, z = randn((2, 3, 4, 4), generator), randn((1, 3, 4, 4), generator)
+    for capture in (lambda: torch.jit.trace(layer, (x, z)), lambda: torch.export.export(layer, (x, z))):
+        with pytest.raises(RuntimeError, match=r"residual must have the input's shape \(2, 3, 4, 4\)"):
+            capture()

@@ -6,7 +6,8 @@
 - vmap by folding: a vmapped batch of B independent batch norms over (N, C, *)
   inputs is one batch norm over (N, B·C, *) inputs (every channel is
   independent), so each backend runs its own kernels once for the whole
-  batch, whatever was vmapped (input, weight, bias, statistics);
+  batch, whatever was vmapped (input, weight, bias, statistics, and the
+  fused layers' residual);
 - the forward-mode tangents (docs/derivation.md, "Forward mode") in torch ops;
 - the running-statistics store under grad/jvp transforms, which updates the
   buffers as torch.nn's kernels do, and the errors nn raises where it refuses
@@ -73,6 +74,17 @@ def unfold_channels(t: Tensor, batch_size: int) -> Tensor:
     return t if t.numel() == 0 else t.unflatten(0, (batch_size, -1))
 
 
+def fold_arguments(args: Sequence, in_dims: Sequence[Optional[int]], batch_size: int, full: Sequence[int],
+                   per_channel: Sequence[int]) -> list:
+    """args with the (N, C, *) ones at `full` and the (C,) ones at `per_channel` folded; the rest as they are."""
+    args = list(args)
+    for i in full:
+        args[i] = fold_input(args[i], in_dims[i], batch_size)
+    for i in per_channel:
+        args[i] = fold_channels(args[i], in_dims[i], batch_size)
+    return args
+
+
 def channel_fold_rule(op, full: Sequence[int], per_channel: Sequence[int],
                       full_outputs: Sequence[int], channel_outputs: Sequence[int]):
     """A vmap rule for an op on (N, C, *) tensors and (C,) per-channel tensors.
@@ -84,17 +96,13 @@ def channel_fold_rule(op, full: Sequence[int], per_channel: Sequence[int],
     """
     def rule(info, in_dims, *args):
         batch = info.batch_size
-        args = list(args)
-        for i in full:
-            args[i] = fold_input(args[i], in_dims[i], batch)
-        for i in per_channel:
-            args[i] = fold_channels(args[i], in_dims[i], batch)
-        result = op(*args)
+        result = op(*fold_arguments(args, in_dims, batch, full, per_channel))
         single = isinstance(result, Tensor)
         outs = [result] if single else list(result)
         dims: List[Optional[int]] = [None] * len(outs)
         for i in full_outputs:
-            outs[i], dims[i] = unfold_input(outs[i], batch), 1
+            if outs[i].dim() > 1:  # not an empty (0,) placeholder for an output not asked for
+                outs[i], dims[i] = unfold_input(outs[i], batch), 1
         for i in channel_outputs:
             outs[i] = unfold_channels(outs[i], batch)
             dims[i] = 0 if outs[i].numel() else None
@@ -102,31 +110,44 @@ def channel_fold_rule(op, full: Sequence[int], per_channel: Sequence[int],
     return rule
 
 
-def vmap_train_forward(apply, info, in_dims, input, weight, bias, eps):
-    """vmap of train_forward(input, weight, bias, eps) -> (output, save_mean, save_invstd)."""
+# The forwards' arguments: the input first, then weight and bias; the fused
+# forwards (activation.py) add a residual, another (N, C, *) tensor, and
+# their eval forward takes the running statistics after it.
+PLAIN_TRAIN = dict(full=(0,), per_channel=(1, 2))
+PLAIN_EVAL = dict(full=(0,), per_channel=(1, 2, 3, 4))
+FUSED_TRAIN = dict(full=(0, 3), per_channel=(1, 2))
+FUSED_EVAL = dict(full=(0, 3), per_channel=(1, 2, 4, 5))
+
+
+def vmap_train_forward(apply, info, in_dims, *args, full: Sequence[int], per_channel: Sequence[int]):
+    """vmap of a training forward(input, ...) -> (output, save_mean, save_invstd).
+
+    `full`, `per_channel`: the argument positions of the (N, C, *) and the
+    (C,) tensors (PLAIN_TRAIN, FUSED_TRAIN); the others pass through.
+    """
     batch = info.batch_size
-    x_dim, w_dim, b_dim = in_dims[:3]
-    output, mean, invstd = apply(fold_input(input, x_dim, batch), fold_channels(weight, w_dim, batch),
-                                 fold_channels(bias, b_dim, batch), eps)
+    output, mean, invstd = apply(*fold_arguments(args, in_dims, batch, full, per_channel))
     output = unfold_input(output, batch)
     mean, invstd = unfold_channels(mean, batch), unfold_channels(invstd, batch)
-    if x_dim is None:  # the statistics are the input's alone: the same for every b
+    if in_dims[0] is None:  # the statistics are the input's alone: the same for every b
         return (output, mean[0], invstd[0]), (1, None, None)
     return (output, mean, invstd), (1, 0, 0)
 
 
-def vmap_eval_forward(apply, info, in_dims, input, weight, bias, running_mean, running_var, eps):
-    """vmap of eval_forward(input, weight, bias, running_mean, running_var, eps) -> output."""
+def vmap_eval_forward(apply, info, in_dims, *args, full: Sequence[int], per_channel: Sequence[int]):
+    """vmap of an eval forward(input, ...) -> output, the statistics among the arguments.
+
+    `full`, `per_channel`: as for vmap_train_forward (PLAIN_EVAL, FUSED_EVAL).
+    """
     batch = info.batch_size
-    x_dim = in_dims[0]
-    if x_dim is not None and all(d is None for d in in_dims[1:5]):
-        # Only the input is vmapped: the samples are more rows of one batch.
-        x = input.movedim(x_dim, 0)
-        output = apply(x.flatten(0, 1), weight, bias, running_mean, running_var, eps)
-        return output.unflatten(0, tuple(x.shape[:2])), 0
-    folded = [fold_channels(t, d, batch) for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5])]
-    output = apply(fold_input(input, x_dim, batch), *folded, eps)
-    return unfold_input(output, batch), 1
+    if in_dims[0] is not None and all(in_dims[i] is None for i in per_channel):
+        # Only the input (and a residual) vmapped: the samples are more rows of one batch.
+        args = list(args)
+        for i in full:
+            if args[i] is not None:
+                args[i] = _batch_first(args[i], in_dims[i], batch).flatten(0, 1)
+        return apply(*args).unflatten(0, (batch, -1)), 0
+    return unfold_input(apply(*fold_arguments(args, in_dims, batch, full, per_channel)), batch), 1
 
 
 # ---------------------------------------------------------------------------

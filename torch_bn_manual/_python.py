@@ -211,7 +211,8 @@ class _TrainForward(_TrainForwardCore):
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, eps):
-        return _func.vmap_train_forward(_TrainForward.apply, info, in_dims, input, weight, bias, eps)
+        return _func.vmap_train_forward(_TrainForward.apply, info, in_dims, input, weight, bias, eps,
+                                        **_func.PLAIN_TRAIN)
 
 
 class _EvalForwardCore(torch.autograd.Function):
@@ -262,7 +263,7 @@ class _EvalForward(_EvalForwardCore):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
         return _func.vmap_eval_forward(_EvalForward.apply, info, in_dims, input, weight, bias, running_mean,
-                                       running_var, eps)
+                                       running_var, eps, **_func.PLAIN_EVAL)
 
 
 # ---------------------------------------------------------------------------

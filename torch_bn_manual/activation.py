@@ -15,28 +15,31 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Proxy
 
-from . import _python, _python_act, functional
-from .backends import get_backend
-from .modules import _BackendBatchNorm
+from . import _python, _python_act, functional, scripting
+from .backends import compiled_available, get_backend
+from .export import aten_eval_batch_norm, capturing_standalone_graph
+from .modules import _BackendBatchNorm, _record_as_leaf
 from .reference import ACTIVATIONS, activation_slope
 
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "ACTIVATIONS"]
 
 
 def _check_residual(residual: Optional[Tensor], input: Tensor) -> None:
-    """The residual is added value for value: the input's shape, dtype and device."""
+    """The residual is added value for value: the input's shape, dtype and device (scripting.check_residual)."""
     if residual is None:
         return
     if not isinstance(residual, Tensor):
         raise TypeError(f"residual must be a Tensor or None, but got {type(residual).__name__}")
-    if residual.shape != input.shape:
-        raise RuntimeError(f"residual must have the input's shape {tuple(input.shape)}, "
-                           f"but got {tuple(residual.shape)}")
-    if residual.dtype != input.dtype:
-        raise RuntimeError(f"residual must have the input's dtype {input.dtype}, but got {residual.dtype}")
-    if residual.device != input.device:
-        raise RuntimeError(f"Tensor on device {residual.device} is not on the expected device {input.device}!")
+    if torch.jit.is_tracing():
+        # Sizes are traced values under torch.jit.trace; this check is not part of
+        # the traced computation (the graph holds only the add), so its reading them is harmless.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            scripting.check_residual(residual, input)
+        return
+    scripting.check_residual(residual, input)
 
 
 _warned_no_fused_kernels = set()
@@ -58,6 +61,14 @@ def _act_backend(plain, device: torch.device):
                           RuntimeWarning, stacklevel=3)
         return _python_act
     return plain
+
+
+def _fused_kernel_devices() -> frozenset:
+    """The device types the compiled fused ops have kernels for; empty when the extension is not built."""
+    if not compiled_available():
+        return frozenset()
+    from . import ops
+    return ops.ACT_DEVICES
 
 
 def _batch_norm_act_checked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -92,17 +103,39 @@ def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: O
     (and F.batch_norm). `residual` is None or a tensor of the input's shape,
     dtype and device. `activation` is "identity", "relu" or "leaky_relu"
     (with `negative_slope` >= 0, as the backward reads the activation's
-    derivative from the output's sign).
+    derivative from the output's sign). In eval mode under torch.export,
+    torch.jit.trace or ONNX export, this is ATen's batch norm, add and
+    relu/leaky_relu (export.py); under torch.fx.symbolic_trace, one
+    call_function node.
     """
-    functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, training, eps)
+    if isinstance(input, Proxy) or isinstance(residual, Proxy):
+        return functional.record_call(batch_norm_act, (input, running_mean, running_var, weight, bias, training,
+                                                       momentum, eps),
+                                      dict(residual=residual, activation=activation, negative_slope=negative_slope,
+                                           backend=backend))
     slope = activation_slope(activation, negative_slope)
+    if not training and capturing_standalone_graph():
+        _check_residual(residual, input)
+        return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, eps, residual, slope)
+    functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, training, eps)
     _check_residual(residual, input)
     return _batch_norm_act_checked(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                    residual, slope, backend)
 
 
 class _BackendBatchNormAct(_BackendBatchNorm):
-    """What the fused classes add to the plain ones: an activation and a residual input."""
+    """What the fused classes add to the plain ones: an activation and a residual input.
+
+    Beyond eager mode the fused layers take the plain ones' routes
+    (modules.py): a call_module leaf under torch.fx, ATen ops (batch norm,
+    add, relu/leaky_relu) for eval mode under torch.export, torch.jit.trace
+    and ONNX export, and the shared scripted forward under torch.jit.script.
+    """
+
+    # The activation's slope as the scripted forward sees it (a constant, set
+    # by __prepare_scriptable__; None: identity).
+    __constants__ = _BackendBatchNorm.__constants__ + ["_script_slope"]
+    _script_slope: Optional[float] = None
 
     def _init_activation(self, activation: str, negative_slope: float) -> None:
         activation_slope(activation, negative_slope)  # raises for a bad choice
@@ -114,15 +147,40 @@ class _BackendBatchNormAct(_BackendBatchNorm):
         return f"{text}, negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else text
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual, self._script_slope, True)
+        return self._eager_forward(input, residual)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if isinstance(input, Proxy) or isinstance(residual, Proxy):  # torch.fx.symbolic_trace
+            recorded = _record_as_leaf(self, input, residual)
+            if recorded is not None:
+                return recorded
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
         weight, bias = self.weight, self.bias
-        functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         slope = activation_slope(self.activation, self.negative_slope)
+        if not use_batch_stats and capturing_standalone_graph():
+            # torch.export / jit.trace / ONNX: a graph of ATen ops, loadable without this package.
+            _check_residual(residual, input)
+            return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, self.eps, residual, slope)
+        functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
         _check_residual(residual, input)
         factor = self._momentum_after_counting()  # only after every check passed
         return _batch_norm_act_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
                                        self.eps, residual, slope, self.backend)
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self):
+        """The plain layers' choice of scripted path, with the fused ops' devices, and the slope as a constant."""
+        super().__prepare_scriptable__()
+        devices = _fused_kernel_devices()
+        self._script_ops_on_cpu = self._script_ops_on_cpu and "cpu" in devices
+        self._script_ops_on_cuda = self._script_ops_on_cuda and "cuda" in devices
+        self._script_uses_ops = self._script_ops_on_cpu or self._script_ops_on_cuda
+        self._script_slope = activation_slope(self.activation, self.negative_slope)
+        return self
 
 
 class BatchNormAct1d(_BackendBatchNormAct, nn.BatchNorm1d):

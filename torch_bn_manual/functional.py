@@ -12,6 +12,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.fx import Proxy
 
 from . import _func, _python
 from .backends import get_backend
@@ -20,7 +21,7 @@ from .export import aten_eval_batch_norm, capturing_standalone_graph
 from .scripting import empty_batch as _empty_batch
 from .scripting import verify_batch_size as _verify_batch_size
 
-__all__ = ["batch_norm", "check_batch_norm_inputs", "update_running_stats"]
+__all__ = ["batch_norm", "check_batch_norm_inputs", "record_call", "update_running_stats"]
 
 _FLOATING = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCED_FLOATING = (torch.float16, torch.bfloat16)
@@ -109,6 +110,18 @@ def _copy_into_buffers(running_mean: Tensor, running_var: Tensor, new_mean: Tens
         running_var.copy_(new_var)
 
 
+def record_call(function, args: tuple, kwargs: dict) -> Proxy:
+    """torch.fx.symbolic_trace: `function(*args, **kwargs)` as one call_function node (an argument is a Proxy).
+
+    The checks need real tensors, so the traced graph calls the function
+    itself (bnm.batch_norm, bnm.batch_norm_act) when it runs, as it calls
+    F.batch_norm; buffers and parameters among the arguments become get_attr
+    nodes, so running statistics are updated in the traced module's buffers.
+    """
+    tracer = next(a.tracer for a in tuple(args) + tuple(kwargs.values()) if isinstance(a, Proxy))
+    return tracer.create_proxy("call_function", function, args, kwargs)
+
+
 def _batch_norm_checked(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                         momentum: Union[float, Tensor], eps: float, backend: str) -> Tensor:
@@ -139,8 +152,12 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     a 0-d tensor). In eval the running statistics are used. `backend` is
     "auto", "python" or "cpp" (see torch_bn_manual.available_backends()).
     In eval mode under torch.export, torch.jit.trace or ONNX export, this is
-    ATen's batch norm (export.py), with ATen's own argument checks.
+    ATen's batch norm (export.py), with ATen's own argument checks; under
+    torch.fx.symbolic_trace, one call_function node (record_call).
     """
+    if isinstance(input, Proxy):
+        return record_call(batch_norm, (input, running_mean, running_var, weight, bias, training, momentum, eps),
+                           dict(backend=backend))
     if not training and capturing_standalone_graph():
         return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, eps)
     check_batch_norm_inputs(input, running_mean, running_var, weight, bias, training, eps)

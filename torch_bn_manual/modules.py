@@ -27,21 +27,24 @@ from .export import aten_eval_batch_norm, capturing_standalone_graph
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert_batchnorm"]
 
 
-def _record_as_leaf(module: nn.Module, input: Proxy) -> Optional[Proxy]:
-    """Record `module(input)` as a call_module node of the FX graph being traced.
+def _record_as_leaf(module: nn.Module, *args) -> Optional[Proxy]:
+    """Record `module(*args)` as a call_module node of the FX graph being traced (an argument is a Proxy).
 
     torch.fx's default Tracer keeps torch.nn's modules as leaves because of
     the module they are defined in; ours live in this package, so a Tracer
     traces into forward(), where the input checks would need a real tensor.
     Recording the call here gives the graph nn's batch norm gets, for any
     Tracer. None when the module is the root being traced (it has no path to
-    call; nn's batch norm cannot be traced as the root either).
+    call; nn's batch norm cannot be traced as the root either). The fused
+    layers record (input, residual) when a residual is given.
     """
-    tracer = input.tracer
+    tracer = next(arg.tracer for arg in args if isinstance(arg, Proxy))
     path = tracer.path_of_module(module)
     if not path:
         return None
-    return tracer.create_proxy("call_module", path, (input,), {})
+    while args and args[-1] is None:  # module(x), not module(x, None): the call as it was written
+        args = args[:-1]
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 class _BackendBatchNorm:
@@ -92,7 +95,7 @@ class _BackendBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input)
+            return self._scripted_forward(input, None, None, False)
         return self._eager_forward(input)
 
     @torch.jit.unused
@@ -129,8 +132,13 @@ class _BackendBatchNorm:
         self._script_uses_ops = self._script_ops_on_cpu or self._script_ops_on_cuda
         return self
 
-    def _scripted_forward(self, input: Tensor) -> Tensor:
-        """forward() for torch.jit.script: the eager path's decisions, written in TorchScript."""
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor], slope: Optional[float],
+                          fused: bool) -> Tensor:
+        """forward() for torch.jit.script: the eager path's decisions, written in TorchScript.
+
+        The fused layers (activation.py) call it with their residual, their
+        activation's slope (None: identity) and fused=True.
+        """
         self._check_input_dim(input)
         running_mean = self.running_mean
         running_var = self.running_var
@@ -140,6 +148,8 @@ class _BackendBatchNorm:
             running_var = None
         if use_batch_stats:
             scripting.verify_batch_size(input)
+        if residual is not None:
+            scripting.check_residual(residual, input)
         momentum = torch.scalar_tensor(0.0 if self.momentum is None else self.momentum, dtype=torch.float64)
         counted = self.num_batches_tracked
         if self.training and self.track_running_stats and counted is not None:
@@ -149,15 +159,18 @@ class _BackendBatchNorm:
         weight = self.weight
         bias = self.bias
         if input.numel() == 0:
-            return scripting.empty_batch(input, weight, bias)
+            output = scripting.empty_batch(input, weight, bias)
+            if residual is not None:
+                output = output + residual
+            return scripting.activate(output, slope)
         if weight is None and bias is not None:
             weight = torch.ones_like(bias)
         if self._script_uses_ops:
             if (self._script_ops_on_cuda if input.is_cuda else self._script_ops_on_cpu):
                 return scripting.ops_forward(input, running_mean, running_var, weight, bias, use_batch_stats,
-                                             momentum, self.eps)
+                                             momentum, self.eps, residual, slope, fused)
         return scripting.python_forward(input, running_mean, running_var, weight, bias, use_batch_stats,
-                                        momentum, self.eps)
+                                        momentum, self.eps, residual, slope)
 
 
 def _nn_options(bias: bool) -> dict:

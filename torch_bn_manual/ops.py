@@ -288,7 +288,8 @@ class _TrainForwardFunc(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, eps):
-        return _func.vmap_train_forward(_TrainForwardFunc.apply, info, in_dims, input, weight, bias, eps)
+        return _func.vmap_train_forward(_TrainForwardFunc.apply, info, in_dims, input, weight, bias, eps,
+                                        **_func.PLAIN_TRAIN)
 
 
 class _EvalForwardFunc(torch.autograd.Function):
@@ -318,7 +319,7 @@ class _EvalForwardFunc(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps):
         return _func.vmap_eval_forward(_EvalForwardFunc.apply, info, in_dims, input, weight, bias, running_mean,
-                                       running_var, eps)
+                                       running_var, eps, **_func.PLAIN_EVAL)
 
 
 # ---------------------------------------------------------------------------
@@ -448,14 +449,111 @@ def _act_double_backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
 torch.library.register_autograd(_LIB + "batch_norm_act_backward", _act_double_backward,
                                 setup_context=_act_backward_setup_context)
 
+# As batch_norm_backward's: for a first-order backward computed under vmap
+# (the torch.func path's backward when no graph of it is built, e.g. jacrev under no_grad).
+torch.library.register_vmap(_LIB + "batch_norm_act_backward", _func.channel_fold_rule(
+    _ops.batch_norm_act_backward, full=(0, 1, 2), per_channel=(3, 4, 5), full_outputs=(0, 3),
+    channel_outputs=(1, 2)))
+
+
+# torch.func and forward-mode AD for the fused ops: as _TrainForwardFunc and
+# _EvalForwardFunc above, with the python backend's setup_context (the same
+# saved tensors), the compiled backward below autograd, and tangents from the
+# plain ops (_output_tangent) through the activation (_python_act).
+
+def _act_grads(ctx, grad_output, train):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of the saved fused forward.
+
+    The compiled batch_norm_act_backward, unless the graph of the backward is
+    being built (create_graph=True, as torch.func's grad transforms ask):
+    then the python backend's backward, in differentiable torch ops.
+    """
+    if torch.is_grad_enabled():
+        return _python_act._backward(ctx, grad_output, train)
+    input, weight, mean, invstd, output = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    slope = ctx.slope
+    mask = [needs[0], weight is not None and needs[1], weight is not None and needs[2],
+            slope is not None and needs[3]]
+    # Identity saves no output and the op does not read it then: the input stands in.
+    grad_input, grad_weight, grad_bias, grad_residual = _ops.batch_norm_act_backward(
+        grad_output, input if output is None else output, input, weight, mean, invstd, train, slope, ctx.eps, mask)
+    if slope is None:
+        grad_residual = grad_output  # dz = dy
+    return tuple(g if need else None for g, need in zip((grad_input, grad_weight, grad_bias, grad_residual),
+                                                          (mask[0], mask[1], mask[2], needs[3])))
+
+
+def _act_output_tangent(ctx, input_t, weight_t, bias_t, residual_t, train):
+    input, weight, mean, invstd, output = ctx.saved_tensors
+    bn_t = _output_tangent(input, weight, mean, invstd, ctx.eps, input_t, weight_t, bias_t, train)
+    return _python_act.activation_tangent(bn_t, residual_t, output, ctx.slope)
+
+
+class _ActTrainForwardFunc(torch.autograd.Function):
+    """batch_norm_act_train_forward for torch.func transforms and forward-mode AD."""
+
+    @staticmethod
+    def forward(input, weight, bias, residual, slope, eps):
+        return _ops.batch_norm_act_train_forward(input, weight, bias, residual, slope, eps)
+
+    setup_context = staticmethod(_python_act._TrainForwardActCore.setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        if grad_output is None:
+            return (None,) * 6
+        return _act_grads(ctx, grad_output, train=True) + (None, None)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, residual_t, _slope_t, _eps_t):
+        return _act_output_tangent(ctx, input_t, weight_t, bias_t, residual_t, True), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, residual, slope, eps):
+        return _func.vmap_train_forward(_ActTrainForwardFunc.apply, info, in_dims, input, weight, bias, residual,
+                                        slope, eps, **_func.FUSED_TRAIN)
+
+
+class _ActEvalForwardFunc(torch.autograd.Function):
+    """batch_norm_act_eval_forward for torch.func transforms and forward-mode AD."""
+
+    @staticmethod
+    def forward(input, weight, bias, residual, running_mean, running_var, slope, eps):
+        return _ops.batch_norm_act_eval_forward(input, weight, bias, residual, running_mean, running_var, slope, eps)
+
+    # The statistics of this call as new tensors, as the python backend saves them.
+    setup_context = staticmethod(_python_act._EvalForwardActCore.setup_context)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None:
+            return (None,) * 8
+        return _act_grads(ctx, grad_output, train=False) + (None,) * 4
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, residual_t, running_mean_t, running_var_t, _slope_t, _eps_t):
+        if input_t is not None or weight_t is not None or bias_t is not None:
+            _func.check_no_running_stat_tangents(running_mean_t, running_var_t)
+        return _act_output_tangent(ctx, input_t, weight_t, bias_t, residual_t, False)
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, residual, running_mean, running_var, slope, eps):
+        return _func.vmap_eval_forward(_ActEvalForwardFunc.apply, info, in_dims, input, weight, bias, residual,
+                                       running_mean, running_var, slope, eps, **_func.FUSED_EVAL)
+
 
 def act_train_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                       slope: Optional[float], eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(act(BN(input) + residual), save_mean, save_invstd) with batch statistics; differentiable."""
+    if _func.transforms_active():
+        return _ActTrainForwardFunc.apply(input, weight, bias, residual, slope, eps)
     return _ops.batch_norm_act_train_forward(input, weight, bias, residual, slope, eps)
 
 
 def act_eval_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                      running_mean: Tensor, running_var: Tensor, slope: Optional[float], eps: float) -> Tensor:
     """act(BN(input) + residual) with the given (running) statistics; differentiable."""
+    if _func.transforms_active():
+        return _ActEvalForwardFunc.apply(input, weight, bias, residual, running_mean, running_var, slope, eps)
     return _ops.batch_norm_act_eval_forward(input, weight, bias, residual, running_mean, running_var, slope, eps)
