@@ -818,7 +818,8 @@ def test_fused_ops_match_float64(case, gen):
     """The three fused ops against float64 math, train and eval, every activation with and without a residual."""
     shape, dtype, name = case
     sdt = stats_dtype(dtype)
-    grad_tol = max(4 * TOL[dtype], 1e-6)
+    # as the plain ops' tests, a little wider: dt is rounded once more (to the compute type) than dy
+    grad_tol = {"dx": 4 * TOL[dtype], "dweight": max(4 * TOL[dtype], 1e-6), "dbias": max(4 * TOL[dtype], 1e-6)}
     for train in (True, False):
         for act, slope, residual in ACTS:
             what = f"{'train' if train else 'eval'} {act} residual={residual}"
@@ -843,7 +844,7 @@ def test_fused_ops_match_float64(case, gen):
             assert grads[3].stride() == grads[0].stride(), f"{what}: dresidual strides (grad_input's)"
             assert grads[1].dtype == grads[2].dtype == w.dtype and grads[3].dtype == dtype, what
             for label, got, ref in zip(("dx", "dweight", "dbias"), grads, expected):
-                assert rel_err(got, ref) <= grad_tol, f"{what}: {label}"
+                assert rel_err(got, ref) <= grad_tol[label], f"{what}: {label}"
             assert rel_err(grads[3], expected[3]) <= TOL[dtype], f"{what}: dresidual"
 
 
