@@ -96,7 +96,7 @@ else
     echo "   no compiler warnings in csrc/"
 fi
 
-step "every torch_bn_manual op has a CPU kernel and, but for the CPU-only fused ops, a CUDA kernel"
+step "every torch_bn_manual op has a CPU kernel and a CUDA kernel"
 # One check shared with make gpu-check (scripts/gpu_check.py ops).
 PYTHONPATH="$SCRATCH/src" "$VENV/bin/python" scripts/gpu_check.py ops | sed 's/^/   /' || fail "kernel registration"
 

@@ -1,7 +1,7 @@
 """The Python parts of scripts/gpu_check.sh (make gpu-check OUT=dir).
 
     python scripts/gpu_check.py env SCRATCH     environment facts: printed, and SCRATCH/env.json
-    python scripts/gpu_check.py ops            every op has a CPU kernel and a CUDA one (CPU-only fused ops aside; exit 1 if not)
+    python scripts/gpu_check.py ops            every op has a CPU kernel and a CUDA one (exit 1 if not)
     python scripts/gpu_check.py summary OUT SCRATCH   OUT/summary.md from the step records and logs
     python scripts/gpu_check.py fit OUT        OUT within what comes back from the GPU machine
 
@@ -29,10 +29,6 @@ OPS = ("batch_norm_train_forward", "batch_norm_eval_forward", "batch_norm_backwa
        "batch_norm_collect_stats", "batch_norm_merge_stats", "batch_norm_elementwise",
        "batch_norm_backward_reduce", "batch_norm_backward_elementwise", "batch_norm_running_stats",
        "batch_norm_act_train_forward", "batch_norm_act_eval_forward", "batch_norm_act_backward")
-# The fused batch norm + activation ops have CPU kernels only so far; on a CUDA
-# tensor the fused layers run the python backend's fused Function and say so
-# (docs/architecture.md). A CUDA kernel for one of them is welcome, not missing.
-CPU_ONLY_OPS = frozenset({"batch_norm_act_train_forward", "batch_norm_act_eval_forward", "batch_norm_act_backward"})
 
 
 # ---------------------------------------------------------------- env
@@ -70,7 +66,7 @@ def env(scratch: str) -> int:
 # ---------------------------------------------------------------- ops
 
 def ops() -> int:
-    """Every op of the torch_bn_manual namespace has a CPU kernel, and a CUDA one unless in CPU_ONLY_OPS."""
+    """Every op of the torch_bn_manual namespace has a CPU kernel and a CUDA one."""
     import torch
     import torch_bn_manual._C  # noqa: F401  (runs the registrations)
     names = sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
@@ -81,9 +77,8 @@ def ops() -> int:
     for name in names:
         for key in ("CUDA", "CPU"):
             ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_bn_manual::{name}", key)
-            expected = not (key == "CUDA" and name in CPU_ONLY_OPS)
-            print(f"{name:34s} {key:4s} {'ok' if ok else 'MISSING' if expected else 'none (CPU-only op)'}")
-            if not ok and expected:
+            print(f"{name:34s} {key:4s} {'ok' if ok else 'MISSING'}")
+            if not ok:
                 problems.append(f"{name}: no {key} kernel")
     for p in problems:
         print("PROBLEM: " + p)

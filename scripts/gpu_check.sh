@@ -14,7 +14,7 @@
 # Steps, each under its own timeout; a failing step does not stop the next:
 #   env        GPU, torch, CUDA, nvcc, compute-sanitizer
 #   build      for the local GPU's architecture only, MAX_JOBS = cores
-#   ops        every op has a CPU and a CUDA kernel (the CPU-only fused ops aside)
+#   ops        every op has a CPU and a CUDA kernel
 #   (without a GPU the run stops here, and the summary says so)
 #   tests      tests/test_cuda.py with xdist, a per-test timeout, -rfE, --durations
 #   sanitizer  a probe, then one memcheck run of tests/cuda_memcheck_script.py

@@ -9,7 +9,9 @@ and an access past its end is reported.)
 Small shapes, chosen to reach every path: contiguous and channels-last,
 16-byte vectors and single elements (odd extents, a misaligned start), tails
 that are not a multiple of a chunk, one and several channel tiles, one and
-several grid splits, every dtype, every op, train and eval, empty input.
+several grid splits, every dtype, every op, train and eval, empty input; the
+fused ops with and without a residual and an activation, their hook tensors
+(residual, output) misaligned while the input is aligned.
 Prints "cuda_memcheck_script: ok" at the end.
 """
 import sys
@@ -65,7 +67,38 @@ def run(shape, dtype, name, gen):
     OPS.batch_norm_backward_elementwise(dy, x, mean, invstd, w, sum_dy, sum_dy_xmu, count)
     OPS.batch_norm_backward_elementwise(dy, x, mean, invstd, None, sum_dy, sum_dy_xmu, count[:1])
     OPS.batch_norm_merge_stats(torch.stack([m, m]), torch.stack([m2, m2]), torch.stack([count, count]))
+    run_fused(x, dy, w, b, arrange(torch.randn(shape, generator=gen, device=DEV).to(dtype), name), rm, rv)
     return y
+
+
+def run_fused(x, dy, w, b, z, rm, rv):
+    """The fused ops (csrc/cuda/activation.cuh): residual + activation epilogue, act' prologue, dz written by
+    the dx pass (train and eval) or not asked for."""
+    y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, 0.0, EPS)
+    OPS.batch_norm_act_train_forward(x, None, None, None, 0.1, EPS)
+    OPS.batch_norm_act_eval_forward(x, w, b, z, rm, rv, None, EPS)
+    OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, True, 0.0, EPS, [True, True, True, True])
+    OPS.batch_norm_act_backward(dy, y, x, None, mean, invstd, False, 0.1, EPS, [True, False, False, True])
+    OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, True, 0.1, EPS, [False, True, False, False])
+
+
+def misaligned(t):
+    """t's values and strides, one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    return view
+
+
+def run_fused_misaligned_hooks(dtype, name, gen):
+    """An aligned input with a misaligned residual (forward) or output (backward): one element at a time."""
+    shape = (4, 8, 6, 4)
+    x = arrange(torch.randn(shape, generator=gen, device=DEV).to(dtype), name)
+    dy = arrange(torch.randn(shape, generator=gen, device=DEV).to(dtype), name)
+    z = misaligned(arrange(torch.randn(shape, generator=gen, device=DEV).to(dtype), name))
+    w = torch.rand(shape[1], generator=gen, device=DEV).to(param_dtype(dtype)) + 0.5
+    y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, None, z, 0.1, EPS)
+    OPS.batch_norm_act_backward(dy, misaligned(y), x, w, mean, invstd, True, 0.1, EPS, [True, True, True, True])
 
 
 def main():
@@ -89,9 +122,12 @@ def main():
         for shape, names in shapes:
             for name in names:
                 run(shape, dtype, name, gen)
+        for name in ("contiguous", "channels_last"):
+            run_fused_misaligned_hooks(dtype, name, gen)
     for shape in ((0, 3, 4, 4), (4, 0, 3)):  # empty input: no kernel of ours runs
         x = torch.empty(shape, device=DEV)
         OPS.batch_norm_train_forward(x, None, None, EPS)
+        OPS.batch_norm_act_train_forward(x, None, None, x, 0.0, EPS)
         OPS.batch_norm_collect_stats(x)
     torch.cuda.synchronize()
     print("cuda_memcheck_script: ok")

@@ -207,7 +207,7 @@ def test_saves_no_more_than_nn_pair(backend, activation, with_residual, generato
 
 
 def test_device_without_fused_kernels_runs_python_and_says_so(monkeypatch, generator):
-    """What a CUDA build does on a GPU (no fused CUDA kernels yet), simulated on the CPU."""
+    """A device without fused kernels in this build (ops.ACT_DEVICES), simulated on the CPU."""
     ops = pytest.importorskip("torch_bn_manual.ops")
     from torch_bn_manual import activation
     monkeypatch.setattr(ops, "ACT_DEVICES", frozenset())

@@ -7,8 +7,9 @@ grid splits); the decomposed ops against the fused ones, bit for bit; the CUDA
 ops against the CPU ops; the modules against nn.BatchNorm*d (cuDNN) in
 training and eval; gradcheck/gradgradcheck; opcheck; torch.compile; the
 accuracy bar and determinism of docs/architecture.md; a tensor of more than
-2^31 elements; streams and devices; and compute-sanitizer over
-tests/cuda_memcheck_script.py.
+2^31 elements; streams and devices; the fused ops and layers (act(BN(x) +
+residual)) against float64 math, the plain ops, the CPU ops and nn; and
+compute-sanitizer over tests/cuda_memcheck_script.py.
 
 Skipped as a whole without a CUDA GPU or without the CUDA kernels in the build.
 """
@@ -18,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -771,6 +773,411 @@ def test_second_device(gen):
     for a, c in zip(on0, on1):
         assert c.device == torch.device("cuda:1")
         assert rel_err(c.to(DEV), a) <= 1e-6
+
+
+# ---------------------------------------------------------------------------
+# The fused layers: act(BN(x) + residual) (csrc/cuda/activation.cuh)
+# ---------------------------------------------------------------------------
+#
+# The gradients' float64 references take the activation's mask from our
+# output (o > 0), which is the ops' contract (act' is read from the output):
+# a value within a rounding of the kink then cannot flip a comparison. The
+# forward output itself is compared with float64 math.
+
+# (activation, slope given to the ops, with a residual?)
+ACTS = [("relu", 0.0, True), ("leaky_relu", 0.1, False), ("identity", None, True), ("relu", 0.0, False)]
+# Both layouts of every shape, dense and misaligned (single elements) and strided copies of one vector shape.
+ACT_CASES = ([c for c in CASES if c[2] != "noncontiguous"]
+             + [((4, 8, 6, 4), dtype, name) for dtype in DTYPES for name in ("misaligned", "noncontiguous")])
+
+
+def act_inputs(shape, gen, dtype, name, residual):
+    x = layout(randn(shape, gen, dtype, offset=0.5, scale=2.0), name)
+    z = layout(randn(shape, gen, dtype), name) if residual else None
+    dy = layout(randn(shape, gen, dtype), name)
+    w, b = params(shape[1], gen, dtype)
+    return x, z, dy, w, b
+
+
+def ref_act_forward(x, z, w, b, slope, mean, invstd):
+    """float64 act((x - mean)·invstd·w + b + z)."""
+    t = ref_normalize(x, w, b, mean, invstd)
+    if z is not None:
+        t = t + z.double()
+    return t if slope is None else torch.where(t > 0, t, t * slope)
+
+
+def ref_act_backward(dy, output, x, w, mean, invstd, slope, train):
+    """float64 (dx, dw, db, dz): dt = dy·act'(o) with the mask of `output`, then batch norm's backward of dt."""
+    dt = dy.double() if slope is None else torch.where(output > 0, dy.double(), dy.double() * slope)
+    return ref_backward(dt, x, w, mean, invstd, train) + (dt,)
+
+
+@pytest.mark.parametrize("case", ACT_CASES, ids=case_id)
+def test_fused_ops_match_float64(case, gen):
+    """The three fused ops against float64 math, train and eval, every activation with and without a residual."""
+    shape, dtype, name = case
+    sdt = stats_dtype(dtype)
+    # as the plain ops' tests, a little wider: dt is rounded once more (to the compute type) than dy
+    grad_tol = {"dx": 4 * TOL[dtype], "dweight": max(4 * TOL[dtype], 1e-6), "dbias": max(4 * TOL[dtype], 1e-6)}
+    for train in (True, False):
+        for act, slope, residual in ACTS:
+            what = f"{'train' if train else 'eval'} {act} residual={residual}"
+            x, z, dy, w, b = act_inputs(shape, gen, dtype, name, residual)
+            if train:
+                y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, slope, EPS)
+                plain = OPS.batch_norm_train_forward(x, w, b, EPS)[0]
+                _, ref_mean, ref_invstd = ref_train_forward(x, w, b)
+                assert mean.dtype == invstd.dtype == sdt and rel_err(mean, ref_mean) <= 1e-6, what
+            else:
+                rm = randn(shape[1], gen, param_dtype(dtype), scale=0.5)
+                rv = randn(shape[1], gen, param_dtype(dtype)).abs() + 0.5
+                y = OPS.batch_norm_act_eval_forward(x, w, b, z, rm, rv, slope, EPS)
+                plain = OPS.batch_norm_eval_forward(x, w, b, rm, rv, EPS)
+                mean, invstd = rm.to(sdt), (rv.to(sdt) + EPS).rsqrt()
+                ref_mean, ref_invstd = rm.double(), (rv.double() + EPS).rsqrt()
+            assert y.dtype == dtype and y.device == x.device, what
+            assert y.stride() == plain.stride(), f"{what}: output strides (the plain op's: nn's)"
+            assert rel_err(y, ref_act_forward(x, z, w, b, slope, ref_mean, ref_invstd)) <= TOL[dtype], f"{what}: output"
+            grads = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, train, slope, EPS, [True] * 4)
+            expected = ref_act_backward(dy, y, x, w, mean, invstd, slope, train)
+            assert grads[3].stride() == grads[0].stride(), f"{what}: dresidual strides (grad_input's)"
+            assert grads[1].dtype == grads[2].dtype == w.dtype and grads[3].dtype == dtype, what
+            for label, got, ref in zip(("dx", "dweight", "dbias"), grads, expected):
+                assert rel_err(got, ref) <= grad_tol[label], f"{what}: {label}"
+            assert rel_err(grads[3], expected[3]) <= TOL[dtype], f"{what}: dresidual"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_fused_without_residual_and_activation_is_plain(dtype, name, gen):
+    """Identity without a residual runs the plain kernels: the plain ops' bits."""
+    x, _, dy, w, b = act_inputs((4, 8, 6, 4), gen, dtype, name, False)
+    rm, rv = randn(8, gen, param_dtype(dtype)), randn(8, gen, param_dtype(dtype)).abs() + 0.5
+    fused = OPS.batch_norm_act_train_forward(x, w, b, None, None, EPS)
+    plain = OPS.batch_norm_train_forward(x, w, b, EPS)
+    assert all(torch.equal(f, p) for f, p in zip(fused, plain))
+    assert torch.equal(OPS.batch_norm_act_eval_forward(x, w, b, None, rm, rv, None, EPS),
+                       OPS.batch_norm_eval_forward(x, w, b, rm, rv, EPS))
+    _, mean, invstd = plain
+    for train in (True, False):
+        got = OPS.batch_norm_act_backward(dy, plain[0], x, w, mean, invstd, train, None, EPS, [True] * 4)
+        want = OPS.batch_norm_backward(dy, x, w, mean, invstd, train, EPS, [True] * 3)
+        assert all(torch.equal(g, p) for g, p in zip(got[:3], want))
+        assert torch.equal(got[3], dy) and got[3].stride() == want[0].stride()  # dt = dy
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.float32, "channels_last"), (torch.float16, "contiguous"),
+                                        (torch.float64, "contiguous")])
+def test_fused_backward_output_mask(dtype, name, gen):
+    """Every combination of outputs, dresidual on its own included, equals the full computation bit for bit."""
+    x, z, dy, w, b = act_inputs((4, 8, 5, 4), gen, dtype, name, True)
+    for train in (True, False):
+        y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, 0.2, EPS)
+        full = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, train, 0.2, EPS, [True] * 4)
+        for mask in itertools.product([False, True], repeat=4):
+            part = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, train, 0.2, EPS, list(mask))
+            for asked, got, want in zip(mask, part, full):
+                if asked:
+                    assert torch.equal(got, want) and got.stride() == want.stride(), (train, mask)
+                else:
+                    assert got.shape == (0,), (train, mask)
+        no_weight = OPS.batch_norm_act_backward(dy, y, x, None, mean, invstd, train, 0.2, EPS, [True] * 4)
+        assert no_weight[1].shape == no_weight[2].shape == (0,) and torch.equal(no_weight[3], full[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_fused_hook_tensors_misaligned_or_in_another_layout(dtype, name, gen):
+    """The residual and the output are read in the input's memory order, one element at a time when either
+    is misaligned (the input aligned), and copied when in another layout: the values of the aligned call."""
+    x, z, dy, w, b = act_inputs((6, 16, 8, 8), gen, dtype, name, True)
+
+    def misaligned(t):
+        flat = torch.empty(t.numel() + 8, dtype=dtype, device=DEV)
+        view = flat[1:1 + t.numel()].as_strided(t.shape, t.stride())
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    other = z.contiguous() if name == "channels_last" else layout(z, "channels_last")
+    y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, 0.1, EPS)
+    for residual in (misaligned(z), other):
+        assert rel_err(OPS.batch_norm_act_train_forward(x, w, b, residual, 0.1, EPS)[0], y) <= TOL[dtype]
+    grads = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, True, 0.1, EPS, [True] * 4)
+    for output in (misaligned(y), y.contiguous() if name == "channels_last" else layout(y, "channels_last")):
+        got = OPS.batch_norm_act_backward(dy, output, x, w, mean, invstd, True, 0.1, EPS, [True] * 4)
+        for g, want in zip(got, grads):
+            assert g.stride() == want.stride() and rel_err(g, want) <= max(TOL[dtype], 1e-6)
+
+
+@pytest.mark.parametrize("case", ACT_CASES[::9], ids=case_id)
+def test_fused_matches_cpu_ops(case, gen):
+    shape, dtype, name = case
+    x, z, dy, w, b = act_inputs(shape, gen, dtype, name, True)
+    tol = max(TOL[dtype], 1e-9)
+    gpu = OPS.batch_norm_act_train_forward(x, w, b, z, 0.05, EPS)
+    cpu = OPS.batch_norm_act_train_forward(x.cpu(), w.cpu(), b.cpu(), z.cpu(), 0.05, EPS)
+    for g, c in zip(gpu, cpu):
+        assert g.dtype == c.dtype and g.shape == c.shape and rel_err(g.cpu(), c) <= tol
+    # the same forward output and statistics for both backwards
+    y, mean, invstd = cpu
+    grads_gpu = OPS.batch_norm_act_backward(dy, y.to(DEV), x, w, mean.to(DEV), invstd.to(DEV), True, 0.05, EPS,
+                                            [True] * 4)
+    grads_cpu = OPS.batch_norm_act_backward(dy.cpu(), y, x.cpu(), w.cpu(), mean, invstd, True, 0.05, EPS, [True] * 4)
+    for g, c in zip(grads_gpu, grads_cpu):
+        assert g.dtype == c.dtype and g.shape == c.shape and rel_err(g.cpu(), c) <= 4 * tol
+
+
+def test_fused_layers_run_the_cuda_kernels(monkeypatch, gen):
+    """On CUDA the fused layers run the compiled ops (their C++ autograd node), not the python fallback,
+    and say nothing about a fallback."""
+    from torch_bn_manual import activation
+    assert "cuda" in ops.ACT_DEVICES
+    monkeypatch.setattr(activation, "_warned_no_fused_kernels", set())
+    x = randn((4, 3, 5, 5), gen).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for backend in ("auto", "cpp"):
+            module = bnm.BatchNormAct2d(3, backend=backend, device=DEV)
+            assert "ActTrainForward" in module(x, randn((4, 3, 5, 5), gen)).grad_fn.name()
+            assert "ActEvalForward" in module.eval()(x).grad_fn.name()
+    assert not [w for w in caught if "fused" in str(w.message)]
+
+
+FUSED_KINDS = {"1d": (bnm.BatchNormAct1d, nn.BatchNorm1d, [(16, 12), (8, 5, 33)]),
+               "2d": (bnm.BatchNormAct2d, nn.BatchNorm2d, [(8, 3, 7, 9), (4, 16, 4, 4)]),
+               "3d": (bnm.BatchNormAct3d, nn.BatchNorm3d, [(2, 8, 4, 6, 5)])}
+# (activation, negative_slope, with a residual?), one per (shape, affine) in turn
+FUSED_VARIANTS = [("relu", 0.01, True), ("leaky_relu", 0.1, False), ("identity", 0.01, True), ("relu", 0.01, False),
+                  ("leaky_relu", 0.2, True)]
+
+
+def nn_activation(t, activation, negative_slope):
+    if activation == "relu":
+        return nn.functional.relu(t)
+    if activation == "leaky_relu":
+        return nn.functional.leaky_relu(t, negative_slope)
+    return t
+
+
+@pytest.mark.parametrize("kind,dtype,name", MODULE_CASES, ids=[f"{k}-{str(d)[6:]}-{n}" for k, d, n in MODULE_CASES])
+def test_fused_modules_match_nn(kind, dtype, name, gen):
+    """BatchNormAct*d on CUDA against nn.BatchNorm*d, + residual, then the activation, in float64 on the same
+    values (output, dx, dweight, dbias, dresidual, running statistics), in train (twice) and eval; the output's
+    dtype and memory format as nn's own in the input's dtype; the compiled ops' autograd node."""
+    ours_cls, nn_cls, shapes = FUSED_KINDS[kind]
+    pdt = param_dtype(dtype)
+    tol = MODULE_TOL[dtype]
+    turn = 0
+    for shape in shapes:
+        channels = shape[1]
+        for affine in (True, False):
+            activation, slope, with_residual = FUSED_VARIANTS[turn % len(FUSED_VARIANTS)]
+            turn += 1
+            ours = ours_cls(channels, affine=affine, backend="cpp", device=DEV, dtype=pdt, activation=activation,
+                            negative_slope=slope)
+            exact = nn_cls(channels, affine=affine, device=DEV, dtype=torch.float64)
+            with torch.no_grad():
+                if affine:
+                    ours.weight.copy_(randn(channels, gen, pdt, 1.0, 0.2))
+                    ours.bias.copy_(randn(channels, gen, pdt))
+                ours.running_var.copy_(randn(channels, gen, pdt).abs() + 0.5)
+            exact.load_state_dict(ours.state_dict())
+            for training in (True, True, False):
+                where = f"shape={shape} affine={affine} {activation}({slope}) residual={with_residual} " \
+                        f"{'train' if training else 'eval'}"
+                native = nn_cls(channels, affine=affine, device=DEV, dtype=pdt)
+                native.load_state_dict(ours.state_dict())
+                for module in (ours, exact, native):
+                    module.train(training)
+                x = layout(randn(shape, gen, dtype, offset=0.5, scale=2.0), name)
+                z = layout(randn(shape, gen, dtype), name) if with_residual else None
+                dy = randn(shape, gen, dtype)
+                xg = x.detach().requires_grad_()
+                zg = None if z is None else z.detach().requires_grad_()
+                y = ours(xg, zg)
+                assert "CppNode" in y.grad_fn.name(), f"{where}: not the compiled ops ({y.grad_fn.name()})"
+                y.backward(dy)
+                got = [y.detach(), xg.grad] + ([ours.weight.grad, ours.bias.grad] if affine else []) \
+                    + ([zg.grad] if z is not None else [])
+                with torch.no_grad():
+                    t = native(x)
+                    y_nn = nn_activation(t if z is None else t + z, activation, slope)
+                assert y.dtype == y_nn.dtype and formats_of(y) == formats_of(y_nn), f"{where}: output format"
+                x64 = x.double().requires_grad_()
+                z64 = None if z is None else z.double().requires_grad_()
+                t64 = exact(x64) if z64 is None else exact(x64) + z64
+                o64 = nn_activation(t64, activation, slope)
+                dt = dy.double() if activation == "identity" else \
+                    torch.where(y.detach() > 0, dy.double(), dy.double() * (0.0 if activation == "relu" else slope))
+                inputs = [x64] + ([exact.weight, exact.bias] if affine else []) + ([z64] if z64 is not None else [])
+                want = [o64.detach()] + list(torch.autograd.grad(t64, inputs, dt))
+                names = ["output", "dx"] + (["dweight", "dbias"] if affine else []) \
+                    + (["dresidual"] if z is not None else [])
+                for label, a, e in zip(names, got, want):
+                    assert rel_err(a, e) <= (tol if label in ("output", "dresidual") else 4 * tol), f"{where}: {label}"
+                ours.zero_grad(set_to_none=True)
+                for key in ("running_mean", "running_var", "num_batches_tracked"):
+                    a, e = ours.state_dict()[key], exact.state_dict()[key]
+                    assert rel_err(a, e) <= max(tol, 1e-6), f"{where}: {key}"
+
+
+def _fused_t(train, x, w, b, z, rm, rv):
+    """The pre-activation values t = BN(x) + z (identity)."""
+    with torch.no_grad():
+        if train:
+            return ops.act_train_forward(x, w, b, z, None, EPS)[0]
+        return ops.act_eval_forward(x, w, b, z, rm, rv, None, EPS)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.3, None], ids=["relu", "leaky", "identity"])
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_fused_gradcheck(name, slope, gen):
+    """gradcheck and gradgradcheck in float64 on CUDA through the fused ops' autograd, train and eval, with
+    and without weight, bias and residual; inputs drawn until every t is away from the activation's kink."""
+    shape = (2, 3, 2, 2)
+    rm, rv = randn(3, gen, torch.float64), randn(3, gen, torch.float64).abs() + 0.5
+    for _ in range(20):
+        x = layout(randn(shape, gen, torch.float64, offset=0.3, scale=1.5), name).requires_grad_()
+        z = layout(randn(shape, gen, torch.float64), name).requires_grad_()
+        w = randn(3, gen, torch.float64, offset=1.0, scale=0.3).requires_grad_()
+        b = randn(3, gen, torch.float64).requires_grad_()
+        configs = [(x, w, b, z), (x, None, None, None)]
+        if all(_fused_t(train, *c, rm, rv).abs().min() > 1e-3 for train in (True, False) for c in configs):
+            break
+    else:
+        pytest.fail("no draw with every value away from the kink")
+    for train in (True, False):
+        for x_, w_, b_, z_ in configs:
+            inputs = tuple(t for t in (x_, w_, b_, z_) if t is not None)
+
+            def fn(*args):
+                it = iter(args)
+                xx, ww, bb, zz = (next(it) if t is not None else None for t in (x_, w_, b_, z_))
+                if train:
+                    return ops.act_train_forward(xx, ww, bb, zz, slope, EPS)[0]
+                return ops.act_eval_forward(xx, ww, bb, zz, rm, rv, slope, EPS)
+
+            assert torch.autograd.gradcheck(fn, inputs), (train, len(inputs))
+            assert torch.autograd.gradgradcheck(fn, inputs), (train, len(inputs))
+
+
+def test_fused_gradient_at_the_kink_is_nns():
+    """t == 0 exactly (x at the mean, bias 0): the derivative there is the slope, as nn's relu/leaky_relu take it."""
+    x = torch.tensor([[-1.0], [0.0], [1.0]], dtype=torch.float64, device=DEV)
+    dy = torch.tensor([[0.3], [0.7], [1.1]], dtype=torch.float64, device=DEV)
+    for activation, slope in (("relu", 0.0), ("leaky_relu", 0.25)):
+        ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+        bnm.batch_norm_act(ours, None, None, training=True, activation=activation, negative_slope=slope,
+                           backend="cpp").backward(dy)
+        nn_activation(nn.functional.batch_norm(ref, None, None, training=True), activation, slope).backward(dy)
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_fused_accuracy_large_offset(offset, name, gen):
+    """float32 offset + N(0, 1) with a residual: |o - o64|, |dx - dx64|, |dz - dz64| <= 1e-5, relu and leaky_relu."""
+    shape = (8, 16, 32, 32)
+    x = layout(randn(shape, gen, torch.float32, offset=offset), name)
+    z = layout(randn(shape, gen, torch.float32), name)
+    dy = layout(randn(shape, gen, torch.float32), name)
+    w, b = params(16, gen, torch.float32)
+    _, ref_mean, ref_invstd = ref_train_forward(x, w, b)
+    for slope in (0.0, 0.1):
+        y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, slope, EPS)
+        assert (y.double() - ref_act_forward(x, z, w, b, slope, ref_mean, ref_invstd)).abs().max().item() <= 1e-5
+        grads = OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, True, slope, EPS, [True, False, False, True])
+        want = ref_act_backward(dy, y, x, w, ref_mean, ref_invstd, slope, True)
+        assert (grads[0].double() - want[0]).abs().max().item() <= 1e-5
+        assert (grads[3].double() - want[3]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["contiguous", "channels_last"])
+def test_fused_deterministic(dtype, name, gen):
+    """Bit-identical fused outputs and gradients run after run."""
+    x, z, dy, w, b = act_inputs((16, 64, 14, 14), gen, dtype, name, True)
+
+    def run():
+        y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, 0.1, EPS)
+        return (y, mean, invstd) + tuple(OPS.batch_norm_act_backward(dy, y, x, w, mean, invstd, True, 0.1, EPS,
+                                                                     [True] * 4))
+    first = run()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (4, 0, 3)])
+def test_fused_empty_batch(shape, gen):
+    x = torch.empty(shape, device=DEV)
+    w, b = params(shape[1], gen, torch.float32)
+    y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, x, 0.0, EPS)
+    assert y.shape == shape and mean.eq(0).all()
+    assert OPS.batch_norm_act_eval_forward(x, w, b, x, mean.float(), invstd.float(), 0.0, EPS).shape == shape
+    dx, dw, db, dz = OPS.batch_norm_act_backward(x, y, x, w, mean, invstd, True, 0.0, EPS, [True] * 4)
+    assert dx.shape == dz.shape == shape and dw.eq(0).all() and db.eq(0).all()
+
+
+def test_fused_errors(gen):
+    """The CPU ops' checks and messages (op_checks.h); the layer's own checks come first, and leave the state."""
+    x = randn((4, 3, 5), gen)
+    w, b = params(3, gen, torch.float32)
+    bad = {"shape": (randn((4, 3, 6), gen), "residual must have the input's shape"),
+           "dtype": (randn((4, 3, 5), gen, torch.float64), "residual must have the input's dtype"),
+           "device": (randn((4, 3, 5), gen).cpu(), "residual must be on the input's device")}
+    for residual, message in bad.values():
+        with pytest.raises(RuntimeError, match=message):
+            OPS.batch_norm_act_train_forward(x, w, b, residual, 0.0, EPS)
+        with pytest.raises(RuntimeError, match=message):
+            OPS.batch_norm_act_eval_forward(x, w, b, residual, w, w.abs(), 0.0, EPS)
+    y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, None, 0.0, EPS)
+    with pytest.raises(RuntimeError, match="output must have the input's shape"):
+        OPS.batch_norm_act_backward(x, y[:2], x, w, mean, invstd, True, 0.0, EPS, [True] * 4)
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device, but got weight is on cpu"):
+        OPS.batch_norm_act_train_forward(x, w.cpu(), b, None, 0.0, EPS)
+    module = bnm.BatchNormAct1d(3, backend="cpp", device=DEV)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for residual, message in [(randn((4, 3, 5), gen).cpu(), "is not on the expected device"),
+                              (randn((4, 3, 6), gen), "residual must have the input's shape")]:
+        with pytest.raises(RuntimeError, match=message):
+            module(x, residual)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    torch.cuda.synchronize()  # the context is still sound
+
+
+def act_opcheck_samples():
+    gen = torch.Generator().manual_seed(1234)
+    samples = []
+    for shape, dtype, name, grad, slope, residual in [
+        ((3, 4, 5, 6), torch.float32, "contiguous", False, 0.0, True),
+        ((3, 8, 5, 6), torch.float64, "channels_last", True, 0.1, True),
+        ((5, 3, 7), torch.bfloat16, "contiguous", False, None, True),
+        ((2, 8, 2, 3, 4), torch.float16, "channels_last", False, 0.0, False),
+        ((2, 3, 4, 5), torch.float32, "noncontiguous", True, 0.2, True),
+    ]:
+        x, z, dy, w, b = act_inputs(shape, gen, dtype, name, residual)
+        rm = torch.zeros(shape[1], dtype=w.dtype, device=DEV)
+        rv = torch.ones(shape[1], dtype=w.dtype, device=DEV)
+        y, mean, invstd = OPS.batch_norm_act_train_forward(x, w, b, z, slope, EPS)
+        backward_args = (dy, y, x, w, mean, invstd, True, slope, EPS, [True, True, True, residual])
+        if grad:  # new tensors: the backward's arguments stay without grad
+            x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+            z = None if z is None else z.detach().requires_grad_()
+        tag = f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}-{slope}{'-grad' if grad else ''}"
+        samples += [("act_train_forward", tag, (x, w, b, z, slope, EPS)),
+                    ("act_eval_forward", tag, (x, w, b, z, rm, rv, slope, EPS)),
+                    ("act_backward", tag, backward_args)]
+    return samples
+
+
+ACT_OPCHECK_SAMPLES = act_opcheck_samples()
+
+
+@pytest.mark.parametrize("op,tag,args", ACT_OPCHECK_SAMPLES, ids=[f"{s[0]}-{s[1]}" for s in ACT_OPCHECK_SAMPLES])
+def test_fused_opcheck(op, tag, args):
+    torch.library.opcheck(getattr(OPS, "batch_norm_" + op), args)
 
 
 # ---------------------------------------------------------------------------

@@ -48,8 +48,9 @@ _warned_no_fused_kernels = set()
 def _act_backend(plain, device: torch.device):
     """The fused functions of a plain backend: ops.py's where it has fused kernels for the device.
 
-    The compiled fused ops have CPU kernels only; elsewhere (CUDA) the fused
-    layer runs the python backend's fused Function, and says so once.
+    The compiled fused ops have CPU and CUDA kernels (ops.ACT_DEVICES lists
+    the devices this build registered them for). On any other device the
+    fused layer runs the python backend's fused Function, and says so once.
     """
     if plain is _python:
         return _python_act

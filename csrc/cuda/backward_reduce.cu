@@ -7,8 +7,13 @@
 // x - m, m the mean rounded to the statistics dtype; the finalize kernel
 // corrects by (mean - m) * sum_dy in double (zero unless a double mean comes
 // with half-type input).
+//
+// The fused layers' prologue (activation.cuh) turns each dy into
+// dt = dy * act'(o) as it is loaded, o loaded beside dy and x; the sums are
+// then those of dt.  Plain batch norm: NoHook.
 #include <c10/cuda/CUDAException.h>
 
+#include "activation.cuh"
 #include "block_reduce.cuh"
 #include "channel_params.cuh"
 #include "launch_config.cuh"
@@ -20,11 +25,11 @@ namespace torch_bn_manual {
 namespace cuda {
 namespace {
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, typename P>
 __global__ void __launch_bounds__(kThreads)
     backward_reduce_ncl_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, NclIndex index,
                                int64_t per_channel, int64_t per_split, ChannelArg mean,
-                               SumPair<stat_t<scalar_t>>* __restrict__ partials) {
+                               SumPair<stat_t<scalar_t>>* __restrict__ partials, P prologue) {
   using st = stat_t<scalar_t>;
   constexpr int U = kChunkVectors<VEC>;
   __shared__ SumPair<st> smem[kThreads / kWarpSize];
@@ -37,6 +42,7 @@ __global__ void __launch_bounds__(kThreads)
   SumPair<st> acc{st(0), st(0)};
   for (int64_t j = begin + threadIdx.x; j < end; j += U * kThreads) {
     Pack<scalar_t, VEC> g[U], v[U];
+    HookRegs<P, VEC> h[U];
     int loaded = 0;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -45,6 +51,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t offset = index.channel_vector(jj, c) * VEC;
         g[u] = load_pack<scalar_t, VEC>(dy + offset);
         v[u] = load_pack<scalar_t, VEC>(x + offset);
+        h[u] = prologue.template load<VEC>(offset);
         ++loaded;
       }
     }
@@ -53,7 +60,7 @@ __global__ void __launch_bounds__(kThreads)
       if (u < loaded) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          const st gk = static_cast<st>(to_compute(g[u].v[k]));
+          const st gk = static_cast<st>(prologue.apply(to_compute(g[u].v[k]), h[u], k));
           acc.dy += gk;
           acc.dy_xm += gk * (static_cast<st>(to_compute(v[u].v[k])) - m);
         }
@@ -65,11 +72,11 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partials[c * gridDim.y + blockIdx.y] = total;
 }
 
-template <typename scalar_t, int VEC>
+template <typename scalar_t, int VEC, typename P>
 __global__ void __launch_bounds__(kThreads)
     backward_reduce_nlc_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, int64_t rows,
                                int64_t Cv, int64_t per_split, ChannelArg mean,
-                               SumPair<stat_t<scalar_t>>* __restrict__ partials) {
+                               SumPair<stat_t<scalar_t>>* __restrict__ partials, P prologue) {
   using st = stat_t<scalar_t>;
   constexpr int R = kChunkRows<VEC>;
   __shared__ SumPair<st> smem[(kThreads / kWarpSize) * kWarpSize * VEC];
@@ -89,6 +96,7 @@ __global__ void __launch_bounds__(kThreads)
 
     for (int64_t r = begin + threadIdx.y; r < end; r += R * blockDim.y) {
       Pack<scalar_t, VEC> g[R], v[R];
+      HookRegs<P, VEC> h[R];
       int loaded = 0;
 #pragma unroll
       for (int u = 0; u < R; ++u) {
@@ -97,6 +105,7 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t offset = (rr * Cv + cv) * VEC;
           g[u] = load_pack<scalar_t, VEC>(dy + offset);
           v[u] = load_pack<scalar_t, VEC>(x + offset);
+          h[u] = prologue.template load<VEC>(offset);
           ++loaded;
         }
       }
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
         if (u < loaded) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
-            const st gk = static_cast<st>(to_compute(g[u].v[k]));
+            const st gk = static_cast<st>(prologue.apply(to_compute(g[u].v[k]), h[u], k));
             acc[k].dy += gk;
             acc[k].dy_xm += gk * (static_cast<st>(to_compute(v[u].v[k])) - m[k]);
           }
@@ -158,7 +167,10 @@ ReducePlan plan_backward_reduce(const Geometry& g, DType dtype) {
   dispatch_bulk(dtype, g.vec, [&](auto type, auto vec) {
     using scalar_t = typename decltype(type)::type;
     constexpr int VEC = decltype(vec)::value;
-    plan = reduce_plan<backward_reduce_ncl_kernel<scalar_t, VEC>, backward_reduce_nlc_kernel<scalar_t, VEC>, VEC>(g);
+    // The plain kernels' occupancy sizes the grid of the fused ones too: one
+    // grid, one reduction tree per shape, with or without an activation.
+    plan = reduce_plan<backward_reduce_ncl_kernel<scalar_t, VEC, NoHook>,
+                       backward_reduce_nlc_kernel<scalar_t, VEC, NoHook>, VEC>(g);
   });
   return plan;
 }
@@ -172,7 +184,7 @@ int64_t backward_workspace_bytes(const ReducePlan& plan, const Geometry& g, DTyp
 }
 
 void launch_backward_reduce(const ReducePlan& plan, const Geometry& g, DType dtype, const void* dy, const void* x,
-                            ChannelArg mean, void* workspace, cudaStream_t stream) {
+                            ChannelArg mean, void* workspace, cudaStream_t stream, const ActGradArgs& act) {
   dispatch_bulk(dtype, g.vec, [&](auto type, auto vec) {
     using scalar_t = typename decltype(type)::type;
     constexpr int VEC = decltype(vec)::value;
@@ -180,16 +192,19 @@ void launch_backward_reduce(const ReducePlan& plan, const Geometry& g, DType dty
     const auto* dyp = static_cast<const scalar_t*>(dy);
     const auto* xp = static_cast<const scalar_t*>(x);
     const dim3 grid(plan.grid_x, plan.grid_y), block(plan.block_x, plan.block_y);
-    if (!g.channels_last) {
-      const NclIndex index(g.N, g.C, g.L / VEC);
-      backward_reduce_ncl_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(
-          dyp, xp, index, g.N * (g.L / VEC), plan.per_split, mean, partials);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      backward_reduce_nlc_kernel<scalar_t, VEC><<<grid, block, 0, stream>>>(dyp, xp, g.rows(), g.C / VEC,
-                                                                              plan.per_split, mean, partials);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    with_prologue<scalar_t>(act.reading_only(), [&](auto prologue) {
+      using P = decltype(prologue);
+      if (!g.channels_last) {
+        const NclIndex index(g.N, g.C, g.L / VEC);
+        backward_reduce_ncl_kernel<scalar_t, VEC, P><<<grid, block, 0, stream>>>(
+            dyp, xp, index, g.N * (g.L / VEC), plan.per_split, mean, partials, prologue);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      } else {
+        backward_reduce_nlc_kernel<scalar_t, VEC, P><<<grid, block, 0, stream>>>(
+            dyp, xp, g.rows(), g.C / VEC, plan.per_split, mean, partials, prologue);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
   });
 }
 

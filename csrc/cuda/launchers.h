@@ -49,6 +49,30 @@ struct ReducePlan {
   int64_t splits = 1;
 };
 
+// ---- the fused layers' hooks (activation.cuh) --------------------------------
+//
+// What act(BN(x) + residual) adds to the elementwise work of the passes below;
+// act(t) = t for t > 0, slope * t otherwise.  The defaults add nothing: the
+// plain kernels run.  Every pointer is dense in the input's memory order.
+
+// Epilogue of the normalize pass: o = act(y + residual).
+struct AddActArgs {
+  const void* residual = nullptr;  // nullptr: no residual
+  bool act = false;                // false: identity
+  double slope = 0.0;
+  bool adds_anything() const { return residual != nullptr || act; }
+};
+
+// Prologue of the backward passes: dt = dy * act'(o), act' read from the
+// output o's sign; the dx pass also stores dt in grad_residual.
+struct ActGradArgs {
+  const void* output = nullptr;  // o; nullptr: no activation (dt = dy)
+  void* grad_residual = nullptr;  // nullptr: dt not wanted
+  double slope = 0.0;
+  // The reductions read dt and write nothing.
+  ActGradArgs reading_only() const { return ActGradArgs{output, nullptr, slope}; }
+};
+
 // ---- statistics (stats.cu) -------------------------------------------------
 
 // Bytes of the partial results of a plan, for element type `dtype`.
@@ -82,16 +106,17 @@ void launch_stats_finalize(const ReducePlan& plan, const Geometry& g, DType dtyp
 void launch_forward_params(int64_t C, DType dtype, ChannelArg mean, ChannelArg invstd_or_var, bool from_var,
                            double eps, ChannelArg weight, ChannelArg bias, void* params, cudaStream_t stream);
 void launch_normalize(const Geometry& g, DType dtype, const void* x, const void* params, void* y,
-                      cudaStream_t stream);
+                      cudaStream_t stream, const AddActArgs& act = {});
 
 // ---- backward reduction (backward_reduce.cu) -------------------------------
 
 int64_t backward_workspace_bytes(const ReducePlan& plan, const Geometry& g, DType dtype);
 ReducePlan plan_backward_reduce(const Geometry& g, DType dtype);
 // mean: per-channel mean (any dtype); the pass accumulates dy and dy * (x - m),
-// m = mean rounded to the compute type.
+// m = mean rounded to the compute type (dt for dy with an activation: the
+// plan is the plain pass's, so the grid and the reduction tree are too).
 void launch_backward_reduce(const ReducePlan& plan, const Geometry& g, DType dtype, const void* dy, const void* x,
-                            ChannelArg mean, void* workspace, cudaStream_t stream);
+                            ChannelArg mean, void* workspace, cudaStream_t stream, const ActGradArgs& act = {});
 
 struct BackwardOutputs {
   ChannelArg mean{nullptr, DType::Float64, 1};
@@ -113,9 +138,10 @@ void launch_backward_finalize(const ReducePlan& plan, const Geometry& g, DType d
 void launch_backward_params(int64_t C, DType dtype, ChannelArg mean, ChannelArg invstd, ChannelArg weight,
                             ChannelArg sum_dy, ChannelArg sum_dy_xmu, ChannelArg count, bool train, void* params,
                             cudaStream_t stream);
-// train: dx = a*dy - k*(x - m) - c; else dx = a*dy (x is not read).
+// train: dx = a*dy - k*(x - m) - c; else dx = a*dy (x is not read).  With
+// an activation, dt in place of dy, and dt stored in act.grad_residual.
 void launch_backward_elementwise(const Geometry& g, DType dtype, const void* dy, const void* x, const void* params,
-                                 bool train, void* dx, cudaStream_t stream);
+                                 bool train, void* dx, cudaStream_t stream, const ActGradArgs& act = {});
 
 // ---- merge of per-group statistics (merge_stats.cu) -------------------------
 
