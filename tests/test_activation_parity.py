@@ -155,3 +155,49 @@ def test_empty_batch_like_nn(backend):
     assert y.shape == F.relu(ref(x) + z).shape
     y.sum().backward()
     assert ours.num_batches_tracked.item() == 1 and ours.weight.grad is not None
+
+
+def _with_specials(values, every, specials):
+    """values with every `every`-th element (in logical order) replaced by the specials in turn."""
+    flat = values.flatten().clone()
+    index = torch.arange(0, flat.numel(), every)
+    flat[index] = specials.repeat(index.numel() // specials.numel() + 1)[: index.numel()]
+    return flat.view(values.shape)
+
+
+def _same_values(a, b, exact):
+    """Same NaNs, infinities and signs (of zero too); finite values equal, or within 1e-6 relative."""
+    a, b = a.detach(), b.detach()
+    if not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+            and torch.equal(a[~a.isnan()].signbit(), b[~b.isnan()].signbit())):
+        return False
+    a, b = a.nan_to_num(0.0, 0.0, 0.0), b.nan_to_num(0.0, 0.0, 0.0)
+    return torch.equal(a, b) if exact else bool(((a - b).abs() <= 1e-6 * b.abs()).all())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+def test_activation_bits_are_nns_at_special_values(backend, activation, layout, generator):
+    """Where t < 0 relu gives +0 (not slope·t = -0), -inf gives 0 (not NaN), NaN stays NaN; the
+    residual's gradient is threshold_backward's: 0 where the output is <= 0, even for an infinite dy.
+    Compared bit for bit (signs of zero included) with nn's activation of the same t = BN(x) + z
+    (the identity layer's output) and nn's gradient of it. The python backend's leaky_relu rounds t·slope
+    once from wider t, so its finite values are compared within 1e-6."""
+    slope = 0.1 if activation == "leaky_relu" else 0.0
+    shape = (4, 3, 5, 6)
+    x = in_layout(randn(shape, generator, torch.float32), layout)
+    specials = torch.tensor([float("-inf"), float("inf"), float("nan"), -1e30, 1e30, -0.0])
+    z = in_layout(_with_specials(randn(shape, generator, torch.float32, 4.0), 7, specials), layout)
+    dy = in_layout(_with_specials(randn(shape, generator, torch.float32), 5,
+                                  torch.tensor([float("inf"), float("-inf")])), layout)
+    identity = bnm.BatchNormAct2d(3, backend=backend, activation="identity")
+    t = identity(x, residual=z).detach().requires_grad_()
+    expected = nn_activation(t, activation, slope)
+    (dt_expected,) = torch.autograd.grad(expected, t, dy)
+    layer = bnm.BatchNormAct2d(3, backend=backend, activation=activation, negative_slope=slope)
+    zo = z.clone().requires_grad_()
+    got = layer(x, residual=zo)
+    exact = backend == "cpp" or activation == "relu"
+    assert _same_values(got, expected, exact), "output"
+    (dz,) = torch.autograd.grad(got, zo, dy)
+    assert _same_values(dz, dt_expected, exact), "the residual's gradient"

@@ -34,9 +34,12 @@ __all__ = ["act_train_forward", "act_eval_forward", "activate", "activation_grad
 
 
 def activation_grad(grad_output: Tensor, output: Optional[Tensor], slope: Optional[float]) -> Tensor:
-    """dt = do · act'(t), with act'(t) read from the output: 1 where output > 0, slope elsewhere."""
+    """dt = do · act'(t), with act'(t) read from the output: 1 where output > 0, slope elsewhere.
+    Relu (slope 0) as threshold_backward: 0 where output <= 0 (do·0 would give -0, and NaN for inf)."""
     if slope is None:
         return grad_output
+    if slope == 0.0:
+        return torch.where(output.detach() <= 0, torch.zeros((), dtype=grad_output.dtype), grad_output)
     return torch.where(output.detach() > 0, grad_output, grad_output * slope)
 
 

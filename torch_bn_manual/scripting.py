@@ -113,9 +113,12 @@ def check_residual(residual: Tensor, input: Tensor) -> None:
 
 
 def activate(t: Tensor, slope: Optional[float]) -> Tensor:
-    """act(t): t where t > 0, slope·t elsewhere (NaN stays NaN); t itself for identity (eager and scripted)."""
+    """act(t): t where t > 0, slope·t elsewhere (NaN stays NaN); t itself for identity (eager and scripted).
+    Relu (slope 0) is torch.relu: slope·t would give -0 where t < 0, and NaN for -inf."""
     if slope is None:
         return t
+    if slope == 0.0:
+        return torch.relu(t)
     return torch.where(t > 0, t, t * slope)
 
 

@@ -23,6 +23,7 @@
 
 #include <vector>
 
+#include "activation_grad.h"
 #include "cpu/activation.h"
 #include "cpu/coefficients.h"
 #include "cpu/kernels.h"
@@ -396,8 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> act_backward(
   auto [gi, gw, gb] = backward_with(op, d, dy, weight, save_mean, save_invstd, train, bn_mask, act);
   if (output_mask[3] && !act.dz_written) {
     // No pass ran to write dz: dt on its own.
-    const at::Tensor positive = act.output.gt(0);
-    act.grad_residual.copy_(at::where(positive, dy, dy * *negative_slope));
+    act.grad_residual.copy_(activation_grad(dy, act.output, negative_slope));
   }
   return {gi, gw, gb, output_mask[3] ? act.grad_residual : at::empty({0}, input.options())};
 }

@@ -72,6 +72,8 @@ struct AddAct {
   template <int VEC>
   __device__ __forceinline__ ct apply(ct y, const Pack<scalar_t, VEC>& z, int k) const {
     const ct t = residual != nullptr ? y + to_compute(z.v[k]) : y;
+    // relu as torch.nn's: 0 where t < 0 (slope·t would give -0, and NaN for -inf)
+    if (slope == ct(0)) return t < ct(0) ? ct(0) : t;
     return t > ct(0) ? t : t * slope;
   }
   template <typename T, int VEC>
@@ -96,7 +98,10 @@ struct ActGrad {
   }
   template <int VEC>
   __device__ __forceinline__ ct apply(ct dy, const Pack<scalar_t, VEC>& o, int k) const {
-    return to_compute(o.v[k]) > ct(0) ? dy : dy * slope;
+    const ct out = to_compute(o.v[k]);
+    // relu as threshold_backward: 0 where o <= 0 (dy·0 would give -0, and NaN for inf)
+    if (slope == ct(0)) return out <= ct(0) ? ct(0) : dy;
+    return out > ct(0) ? dy : dy * slope;
   }
   template <int VEC>
   __device__ __forceinline__ void store(int64_t offset, const ct (&dt)[VEC]) const {

@@ -30,6 +30,7 @@
 #include <optional>
 #include <tuple>
 
+#include "activation_grad.h"
 #include "launchers.h"
 #include "running_stats.h"
 #include "tensor_args.cuh"
@@ -322,7 +323,7 @@ Grads backward_with(const char* op, const at::Tensor& grad_output, const at::Ten
   if (act.want_grad_residual && prologue.grad_residual == nullptr) {
     // No dx pass wrote dt (identity, or no grad_input asked for): dt on its own,
     // the prologue's formula in tensor ops (the same roundings).
-    grad_residual.copy_(act.slope.has_value() ? at::where(o.gt(0), dy, dy * *act.slope) : dy);
+    grad_residual.copy_(activation_grad(dy, o, act.slope));
   }
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
