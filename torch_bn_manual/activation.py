@@ -20,7 +20,7 @@ from torch.fx import Proxy
 from . import _python, _python_act, functional, scripting
 from .backends import compiled_available, get_backend
 from .export import aten_eval_batch_norm, capturing_standalone_graph
-from .modules import _BackendBatchNorm, _record_as_leaf
+from .modules import _BackendBatchNorm
 from .reference import ACTIVATIONS, activation_slope
 
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "ACTIVATIONS"]
@@ -152,25 +152,22 @@ class _BackendBatchNormAct(_BackendBatchNorm):
             return self._scripted_forward(input, residual, self._script_slope, True)
         return self._eager_forward(input, residual)
 
+    # The plain layers' eager forward (modules.py) with the activation and the residual:
+
     @torch.jit.unused
-    def _eager_forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        if isinstance(input, Proxy) or isinstance(residual, Proxy):  # torch.fx.symbolic_trace
-            recorded = _record_as_leaf(self, input, residual)
-            if recorded is not None:
-                return recorded
-        self._check_input_dim(input)
-        running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
-        weight, bias = self.weight, self.bias
-        slope = activation_slope(self.activation, self.negative_slope)
-        if not use_batch_stats and capturing_standalone_graph():
-            # torch.export / jit.trace / ONNX: a graph of ATen ops, loadable without this package.
-            _check_residual(residual, input)
-            return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, self.eps, residual, slope)
-        functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
+    def _slope(self) -> Optional[float]:
+        return activation_slope(self.activation, self.negative_slope)
+
+    @torch.jit.unused
+    def _check_residual_of(self, input: Tensor, residual: Optional[Tensor]) -> None:
         _check_residual(residual, input)
-        factor = self._momentum_after_counting()  # only after every check passed
-        return _batch_norm_act_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
-                                       self.eps, residual, slope, self.backend)
+
+    @torch.jit.unused
+    def _forward_checked(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                         momentum: Union[float, Tensor], residual: Optional[Tensor], slope: Optional[float]) -> Tensor:
+        return _batch_norm_act_checked(input, running_mean, running_var, weight, bias, training, momentum, self.eps,
+                                       residual, slope, self.backend)
 
     @torch.jit.unused
     def __prepare_scriptable__(self):

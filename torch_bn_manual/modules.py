@@ -13,7 +13,7 @@ Beyond eager mode, forward() serves three tracers (docs/export.md):
 - torch.export, torch.jit.trace and ONNX export capture eval mode as ATen's
   batch norm (export.py; bnm.batch_norm does the same).
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -99,20 +99,42 @@ class _BackendBatchNorm:
         return self._eager_forward(input)
 
     @torch.jit.unused
-    def _eager_forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, Proxy):  # torch.fx.symbolic_trace
-            recorded = _record_as_leaf(self, input)
+    def _eager_forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """The eager forward of the plain and the fused layers; the fused ones (activation.py) add their
+        activation and residual through _slope, _check_residual_of and _forward_checked."""
+        if isinstance(input, Proxy) or isinstance(residual, Proxy):  # torch.fx.symbolic_trace
+            recorded = _record_as_leaf(self, input, residual)
             if recorded is not None:
                 return recorded
         self._check_input_dim(input)
         running_mean, running_var, use_batch_stats = self._batch_norm_arguments()
         weight, bias = self.weight, self.bias
+        slope = self._slope()
         if not use_batch_stats and capturing_standalone_graph():
             # torch.export / jit.trace / ONNX: a graph of ATen ops, loadable without this package.
-            return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, self.eps)
+            self._check_residual_of(input, residual)
+            return aten_eval_batch_norm(input, running_mean, running_var, weight, bias, self.eps, residual, slope)
         functional.check_batch_norm_inputs(input, running_mean, running_var, weight, bias, use_batch_stats, self.eps)
-        factor = self._momentum_after_counting()
-        return functional._batch_norm_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
+        self._check_residual_of(input, residual)
+        factor = self._momentum_after_counting()  # only after every check passed
+        return self._forward_checked(input, running_mean, running_var, weight, bias, use_batch_stats, factor,
+                                     residual, slope)
+
+    @torch.jit.unused
+    def _slope(self) -> Optional[float]:
+        """The activation's slope (None: identity); plain batch norm has none."""
+        return None
+
+    @torch.jit.unused
+    def _check_residual_of(self, input: Tensor, residual: Optional[Tensor]) -> None:
+        """Plain batch norm takes no residual: nothing to check."""
+
+    @torch.jit.unused
+    def _forward_checked(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                         momentum: Union[float, Tensor], residual: Optional[Tensor], slope: Optional[float]) -> Tensor:
+        """The forward once every check has passed and the batch is counted."""
+        return functional._batch_norm_checked(input, running_mean, running_var, weight, bias, training, momentum,
                                               self.eps, self.backend)
 
     # -- TorchScript -------------------------------------------------------
