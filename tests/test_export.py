@@ -25,10 +25,15 @@ def _model(backend, generator):
         nn.Conv2d(3, 6, 3), bnm.BatchNorm2d(6, backend=backend), nn.ReLU(), nn.Flatten(),
         nn.Linear(6 * 4 * 4, 8), bnm.BatchNorm1d(8, momentum=None, backend=backend), nn.Unflatten(1, (2, 4)),
         bnm.BatchNorm1d(2, affine=False, backend=backend))
+    return _trained_for_eval(model, generator)
+
+
+def _trained_for_eval(model, generator):
+    """model with fresh random parameters and running statistics away from their initial values, in eval mode."""
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(randn(p.shape, generator, scale=0.5))
-    for _ in range(3):  # running statistics away from their initial values
+    for _ in range(3):
         model(randn((8, 3, 6, 6), generator, offset=1.0))
     return model.eval()
 
@@ -51,13 +56,7 @@ class _FusedNet(nn.Module):
 
 
 def _fused_model(backend, generator):
-    model = _FusedNet(backend)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(randn(p.shape, generator, scale=0.5))
-    for _ in range(3):  # running statistics away from their initial values
-        model(randn((8, 3, 6, 6), generator, offset=1.0))
-    return model.eval()
+    return _trained_for_eval(_FusedNet(backend), generator)
 
 
 MODELS = {"plain": _model, "fused": _fused_model}

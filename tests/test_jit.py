@@ -77,12 +77,17 @@ def test_scripted_channels_last(chosen, generator):
 
 def test_scripted_model_survives_save_and_load(backend, generator):
     eager = _net(backend, {"momentum": None})
+    _compare(eager, _scripted_saved_and_loaded(eager), generator)
+
+
+def _scripted_saved_and_loaded(eager):
+    """torch.jit.script of a copy of eager, through torch.jit.save and torch.jit.load."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save's own notice
         torch.jit.save(torch.jit.script(copy.deepcopy(eager)), buffer)
     buffer.seek(0)
-    _compare(eager, torch.jit.load(buffer), generator)
+    return torch.jit.load(buffer)
 
 
 def test_scripting_leaves_the_eager_model_as_it_was(backend):
@@ -156,12 +161,7 @@ def test_scripted_fused_channels_last_and_save_load(chosen, generator):
     eager = _FusedNet(chosen, {"momentum": None}, "leaky_relu", 0.1)
     _compare(eager, torch.jit.script(copy.deepcopy(eager)), generator, layout=torch.channels_last)
     eager = _FusedNet(chosen, {"momentum": None}, "leaky_relu", 0.1)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save's own notice
-        torch.jit.save(torch.jit.script(copy.deepcopy(eager)), buffer)
-    buffer.seek(0)
-    _compare(eager, torch.jit.load(buffer), generator)
+    _compare(eager, _scripted_saved_and_loaded(eager), generator)
 
 
 def test_scripted_fused_runs_the_compiled_ops_where_eager_does(generator):
